@@ -1,0 +1,145 @@
+"""The ``stratovirt`` command: the CLI edge where errors become one line and exit 1."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import List, Optional
+
+from .errors import VmmError
+
+log = logging.getLogger("stratovirt")
+
+
+def _setup_logging(cfg) -> None:
+    level = logging.INFO if cfg.log_enabled else logging.WARNING
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if cfg.log_file:
+        try:
+            handler: logging.Handler = logging.FileHandler(cfg.log_file)
+        except OSError as e:
+            raise VmmError(f"-D: cannot open log file {cfg.log_file}: {e.strerror}") from None
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _daemonize() -> int:
+    """Fork into the background; the parent waits for the child's word and exits with it.
+
+    Returns the write end of the readiness pipe in the daemon.
+    """
+    rfd, wfd = os.pipe()
+    if os.fork() > 0:
+        os.close(wfd)
+        msg = b""
+        while True:
+            chunk = os.read(rfd, 4096)
+            if not chunk:
+                break
+            msg += chunk
+        if msg.startswith(b"OK"):
+            os._exit(0)
+        sys.stderr.write(msg.decode(errors="replace") or "stratovirt: the daemon exited during start-up\n")
+        os._exit(1)
+    os.close(rfd)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+    return wfd
+
+
+def run(argv: List[str]) -> int:
+    from .cmdline import USAGE, VERSION_TEXT, parse_args
+    cfg, show = parse_args(argv)
+    if show == "help":
+        sys.stdout.write(USAGE)
+        return 0
+    if show == "version":
+        print(VERSION_TEXT)
+        return 0
+    _setup_logging(cfg)
+    ready_fd: Optional[int] = None
+    if cfg.daemonize:
+        ready_fd = _daemonize()
+    try:
+        code = _run_vm(cfg, ready_fd)
+    except VmmError as e:
+        if ready_fd is not None:
+            os.write(ready_fd, f"stratovirt: {e}\n".encode())
+        raise
+    return code
+
+
+def _run_vm(cfg, ready_fd: Optional[int]) -> int:
+    from .qmp.events import EventBus
+    from .qmp.server import QmpServer
+    from .vcpu_thread import install_kick_handler
+    install_kick_handler()
+    events = EventBus()
+    if cfg.incoming is not None:
+        from .migration.restore import restore_vmm
+        vmm = restore_vmm(cfg, events)
+    else:
+        from .builder import boot_vmm
+        vmm = boot_vmm(cfg, events)
+    if cfg.pidfile:
+        try:
+            with open(cfg.pidfile, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        except OSError as e:
+            raise VmmError(f"-pidfile: cannot write {cfg.pidfile}: {e.strerror}") from None
+        vmm.cleanups.append(lambda: os.path.exists(cfg.pidfile) and os.unlink(cfg.pidfile))
+    server = QmpServer(vmm, events, cfg.qmp)
+    server.start()
+    vmm.cleanups.append(server.close)
+
+    def on_signal(signum, frame) -> None:
+        vmm.request_exit("host-signal", 0, f"received signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    vmm.start(paused=cfg.start_paused)
+    log.info("VM %s started (%d vCPUs, %d MiB)", cfg.name or "", cfg.nr_cpus, cfg.mem_size >> 20)
+    if ready_fd is not None:
+        os.write(ready_fd, b"OK")
+        os.close(ready_fd)
+        os.dup2(os.open(os.devnull, os.O_RDWR), 2)
+    code = vmm.wait()
+    vmm.shutdown()
+    if vmm.exit_message and code:
+        sys.stderr.write(f"stratovirt: {vmm.exit_message}\n")
+    return code
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        code = run(args)
+    except VmmError as e:
+        sys.stderr.write(f"stratovirt: {e}\n")
+        code = 1
+    except KeyboardInterrupt:
+        code = 1
+    except Exception as e:  # a bug: still one line for the user, the trace in the log
+        logging.getLogger("stratovirt").debug("internal error", exc_info=True)
+        sys.stderr.write(f"stratovirt: internal error: {type(e).__name__}: {e}\n")
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # vCPU threads may sit in KVM_RUN; leave without waiting for them.
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

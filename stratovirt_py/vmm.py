@@ -1,0 +1,200 @@
+"""The running VM: lifecycle, run state, and the control surface QMP drives."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any, Dict, List, Optional
+
+from .config import VmConfig
+from .devices.bus import Bus
+from .errors import ConfigError, VmmError
+from .kvm import Kvm, Vm
+from .memory import GuestMemory
+from .vcpu_thread import VcpuGroup
+
+log = logging.getLogger(__name__)
+
+GUEST_REASONS = {"guest-reset", "guest-shutdown", "guest-panic"}
+
+
+class Vmm:
+    """Built by ``builder.build_vmm``; implements ``qmp.machine.MachineControl``."""
+
+    def __init__(self, cfg: VmConfig, kvm: Kvm, vm: Vm, memory: GuestMemory, events: Any):
+        self.cfg = cfg
+        self.kvm = kvm
+        self.vm = vm
+        self.memory = memory
+        self.events = events
+        self.pio_bus = Bus("port I/O")
+        self.mmio_bus = Bus("MMIO")
+        self.vcpus: List = []
+        self.group: Optional[VcpuGroup] = None
+        self.serial = None
+        self.i8042 = None
+        self.iothread = None
+        self.virtio: List = []        # slot-ordered virtio-mmio transports (None = empty slot)
+        self.fds: Dict[str, int] = {}
+        self.kernel_cmdline_extra: List[str] = []   # virtio_mmio.device=... announcements
+        self.run_state = "prelaunch"
+        self.exit_code: Optional[int] = None
+        self.exit_message = ""
+        self._exit_event = threading.Event()
+        self._exit_lock = threading.Lock()
+        self._state_lock = threading.RLock()
+        self.migration = None          # set by builder: migration.snapshot.SnapshotJob factory
+        self.cleanups: List = []       # callables run once at exit (terminal mode, sockets)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self, paused: bool = False) -> None:
+        assert self.group is not None
+        if self.iothread is not None:
+            self.iothread.start()
+        self.group.start()
+        if paused:
+            self.run_state = "paused"
+        else:
+            self.run_state = "running"
+            self.group.resume()
+
+    def request_exit(self, reason: str, code: int, message: str = "") -> None:
+        """End the VM (first caller wins): SHUTDOWN event, then the main thread exits."""
+        with self._exit_lock:
+            if self.exit_code is not None:
+                return
+            self.exit_code = code
+            self.exit_message = message
+        if message:
+            (log.error if code else log.info)("%s", message)
+        self.run_state = "shutdown"
+        if self.events is not None:
+            self.events.emit("SHUTDOWN", {"guest": reason in GUEST_REASONS, "reason": reason})
+        self._exit_event.set()
+
+    def wait(self) -> int:
+        while not self._exit_event.wait(3600):
+            pass
+        return self.exit_code or 0
+
+    def shutdown(self) -> None:
+        """Stop the threads and run the clean-ups (called once on the main thread)."""
+        if self.group is not None:
+            self.group.stop()
+        if self.iothread is not None:
+            try:
+                self.iothread.stop()
+            except Exception:  # already stopping; nothing left to save
+                pass
+        for fn in reversed(self.cleanups):
+            try:
+                fn()
+            except Exception as e:
+                log.debug("clean-up failed: %s", e)
+        self.cleanups.clear()
+
+    # -- MachineControl ------------------------------------------------------------------
+    def pause(self) -> None:
+        with self._state_lock:
+            if self.run_state not in ("running", "paused"):
+                raise VmmError(f"the VM cannot be paused in state '{self.run_state}'")
+            if self.run_state == "paused":
+                return
+            self.group.pause()
+            self.run_state = "paused"
+            self.events.emit("STOP")
+
+    def resume(self) -> None:
+        with self._state_lock:
+            if self.run_state == "running":
+                return
+            if self.run_state != "paused":
+                raise VmmError(f"the VM cannot be resumed in state '{self.run_state}'")
+            if self.migration is not None and self.migration.active:
+                raise VmmError("a snapshot is being written; wait for it or cancel it first")
+            self.run_state = "running"
+            self.group.resume()
+            self.events.emit("RESUME")
+
+    def quit(self) -> None:
+        self.request_exit("host-qmp-quit", 0)
+
+    def system_reset(self) -> None:
+        # A microVM ends on reset (as for a guest-requested reset); the orchestrator restarts it.
+        self.events.emit("RESET", {"guest": False, "reason": "host-qmp-system-reset"})
+        self.request_exit("host-qmp-system-reset", 0)
+
+    def system_powerdown(self) -> None:
+        self.events.emit("POWERDOWN")
+        if self.i8042 is not None:
+            self.i8042.send_ctrl_alt_del()
+
+    def on_guest_reset(self) -> None:
+        self.events.emit("RESET", {"guest": True, "reason": "guest-reset"})
+        self.request_exit("guest-reset", 0, "guest requested a reset")
+
+    def on_guest_poweroff(self) -> None:
+        self.request_exit("guest-shutdown", 0, "guest powered off")
+
+    def cpus(self) -> List[dict]:
+        tids = self.group.thread_ids if self.group else []
+        out = []
+        for i in range(len(self.vcpus)):
+            out.append({"cpu-index": i, "CPU": i, "current": i == 0, "halted": False,
+                        "thread-id": tids[i] if i < len(tids) else 0, "thread_id": tids[i] if i < len(tids) else 0,
+                        "arch": "x86", "target": "x86_64",
+                        "qom_path": f"/machine/unattached/device[{i}]",
+                        "qom-path": f"/machine/unattached/device[{i}]",
+                        "props": {"socket-id": 0, "core-id": i, "thread-id": 0}})
+        return out
+
+    def hotpluggable_cpus(self) -> List[dict]:
+        return [{"type": "host-x86-cpu", "vcpus-count": 1,
+                 "qom-path": f"/machine/unattached/device[{i}]",
+                 "props": {"socket-id": 0, "core-id": i, "thread-id": 0}}
+                for i in range(len(self.vcpus))]
+
+    # -- snapshots (migration/snapshot.py does the work) --------------------------------------
+    def migrate(self, uri: str) -> None:
+        if self.migration is None:
+            raise VmmError("snapshots are not available in this build")
+        self.migration.start(uri)
+
+    def migrate_status(self) -> str:
+        return self.migration.status if self.migration is not None else "none"
+
+    def migrate_cancel(self) -> None:
+        if self.migration is not None:
+            self.migration.cancel()
+
+    # -- hot-replace (devices/hotplug.py does the work) ---------------------------------------
+    def blockdev_add(self, args: dict) -> None:
+        self._hotplug().blockdev_add(args)
+
+    def netdev_add(self, args: dict) -> None:
+        self._hotplug().netdev_add(args)
+
+    def device_add(self, args: dict) -> None:
+        self._hotplug().device_add(args)
+
+    def device_del(self, dev_id: str) -> None:
+        self._hotplug().device_del(dev_id)
+
+    def _hotplug(self):
+        hp = getattr(self, "hotplug", None)
+        if hp is None:
+            raise VmmError("device hot-replace is not available")
+        return hp
+
+    def add_fd(self, name: str, fd: int) -> None:
+        old = self.fds.pop(name, None)
+        if old is not None:
+            os.close(old)
+        self.fds[name] = fd
+
+    def balloon(self, value: int) -> None:
+        raise VmmError("No balloon device has been activated")
+
+    def query_balloon(self) -> dict:
+        raise VmmError("No balloon device has been activated")
