@@ -51,6 +51,8 @@ def create_vm(cfg: VmConfig, events: Any, memory: Optional[GuestMemory] = None) 
         boot_cpu.setup_cpuid(vcpu, supported, i, cfg.nr_cpus)
         vmm.vcpus.append(vcpu)
     vmm.group = VcpuGroup(vmm.vcpus, vmm.pio_bus, vmm.mmio_bus, vmm.request_exit)
+    from .migration.snapshot import SnapshotJob
+    vmm.migration = SnapshotJob(vmm)
     return vmm
 
 

@@ -211,7 +211,8 @@ class Parser:
             raise ConfigError(f"-object: unsupported object type '{kind}'")
         if "id" not in o:
             raise ConfigError(f"'id' is missing for '{kind}' object.")
-        self.cfg.objects[o["id"]] = ObjectConfig(kind=kind, id=o.pop("id"), props=o)
+        obj_id = o.pop("id")
+        self.cfg.objects[obj_id] = ObjectConfig(kind=kind, id=obj_id, props=o)
 
     def _chardev(self, value: str) -> None:
         o = parse_suboptions("-chardev", value, "backend")

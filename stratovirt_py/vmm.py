@@ -35,7 +35,7 @@ class Vmm:
         self.serial = None
         self.i8042 = None
         self.iothread = None
-        self.virtio: List = []        # slot-ordered virtio-mmio transports (None = empty slot)
+        self.virtio_slots: List = []  # devices.setup.VirtioSlot, in slot order
         self.fds: Dict[str, int] = {}
         self.kernel_cmdline_extra: List[str] = []   # virtio_mmio.device=... announcements
         self.run_state = "prelaunch"
@@ -45,6 +45,7 @@ class Vmm:
         self._exit_lock = threading.Lock()
         self._state_lock = threading.RLock()
         self.migration = None          # set by builder: migration.snapshot.SnapshotJob factory
+        self.restored_from = None      # the Template this VM was restored from
         self.cleanups: List = []       # callables run once at exit (terminal mode, sockets)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -52,6 +53,10 @@ class Vmm:
         assert self.group is not None
         if self.iothread is not None:
             self.iothread.start()
+        if self.restored_from is not None:
+            for slot in self.virtio_slots:
+                if slot.transport is not None:
+                    slot.transport.resume_after_restore()
         self.group.start()
         if paused:
             self.run_state = "paused"

@@ -13,7 +13,9 @@ KVM_PATH = "/dev/kvm"
 
 
 class Kvm:
-    def __init__(self, path: str = KVM_PATH):
+    def __init__(self, path: str = ""):
+        # STRATOVIRT_KVM_DEVICE lets tests point at a missing or inaccessible device.
+        path = path or os.environ.get("STRATOVIRT_KVM_DEVICE") or KVM_PATH
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -24,7 +26,11 @@ class Kvm:
                            "no permission to use KVM (add the user to the kvm group)") from None
         except OSError as e:
             raise KvmError(f"open {path}", e.errno or errno.EIO) from None
-        version = ioctl(self.fd, lib.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        try:
+            version = ioctl(self.fd, lib.KVM_GET_API_VERSION, 0, "KVM_GET_API_VERSION")
+        except KvmError as e:
+            os.close(self.fd)
+            raise KvmError(f"open {path}", e.errno, f"{path} is not a KVM device") from None
         if version != lib.KVM_API_VERSION:
             os.close(self.fd)
             raise KvmError("KVM_GET_API_VERSION", errno.EINVAL,

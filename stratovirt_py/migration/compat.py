@@ -1,0 +1,99 @@
+"""Does this command line describe the machine a template was taken from?
+
+A template can only be restored into the same machine: same memory size, vCPU
+count, the same devices in the same order with the same ids, the same virtio-net
+MAC, virtio-blk serial and drive size.  A drive file may sit at another path (a
+copy of the original is fine).  Every difference is named in one message.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+from ..config import VmConfig
+from ..errors import SnapshotError
+
+VERSION = 1
+UNSUPPORTED_DRIVERS = {
+    "virtio-balloon-device": "balloon",
+    "vhost-user-fs-device": "vhost-user-fs",
+    "vhost-vsock-device": "vhost-vsock",
+}
+
+
+def describe(cfg: VmConfig) -> Dict[str, Any]:
+    """The parts of the configuration a template depends on (stored as the ``config`` section)."""
+    devices = []
+    for dev in cfg.devices:
+        d: Dict[str, Any] = {"id": dev.id, "driver": dev.driver}
+        if dev.driver == "virtio-blk-device":
+            drive = cfg.drives[dev.props["drive"]]
+            d["serial"] = dev.props.get("serial")
+            d["readonly"] = drive.readonly
+            try:
+                d["drive_size"] = os.stat(drive.file).st_size
+            except OSError:
+                d["drive_size"] = None
+        elif dev.driver == "virtio-net-device":
+            d["mac"] = (dev.props.get("mac") or "").lower() or None
+        devices.append(d)
+    return {"machine": cfg.machine_type, "mem_size": cfg.mem_size, "nr_cpus": cfg.nr_cpus,
+            "devices": devices}
+
+
+def unsupported_features(cfg: VmConfig) -> List[str]:
+    """Features whose state cannot be part of a template (the product documentation's list)."""
+    found = []
+    if cfg.mem_share:
+        found.append("mem-share=on")
+    for dev in cfg.devices:
+        if dev.driver in UNSUPPORTED_DRIVERS:
+            found.append(f"{UNSUPPORTED_DRIVERS[dev.driver]} device '{dev.id}'")
+    for net in cfg.netdevs.values():
+        if net.vhost:
+            found.append(f"vhost-net (netdev '{net.id}')")
+    for obj in cfg.objects.values():
+        if obj.kind == "memory-backend-file":
+            found.append(f"file-backed memory (object '{obj.id}')")
+        if obj.props.get("hugepages") or "hugetlbfs" in obj.props.get("mem-path", ""):
+            found.append(f"huge pages (object '{obj.id}')")
+    return found
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB"
+
+
+def check(current: Dict[str, Any], saved: Dict[str, Any]) -> None:
+    diffs: List[str] = []
+    if current["mem_size"] != saved.get("mem_size"):
+        diffs.append(f"-m is {_mib(current['mem_size'])} but the template has {_mib(saved.get('mem_size') or 0)}")
+    if current["nr_cpus"] != saved.get("nr_cpus"):
+        diffs.append(f"-smp is {current['nr_cpus']} but the template has {saved.get('nr_cpus')}")
+    cur_devs, old_devs = current["devices"], saved.get("devices") or []
+    cur_ids = [(d["driver"], d["id"]) for d in cur_devs]
+    old_ids = [(d["driver"], d["id"]) for d in old_devs]
+    if cur_ids != old_ids:
+        missing = [f"{drv} '{i}'" for drv, i in old_ids if (drv, i) not in cur_ids]
+        extra = [f"{drv} '{i}'" for drv, i in cur_ids if (drv, i) not in old_ids]
+        if missing:
+            diffs.append("the template has devices this command line lacks: " + ", ".join(missing))
+        if extra:
+            diffs.append("this command line has devices the template lacks: " + ", ".join(extra))
+        if not missing and not extra:
+            diffs.append("the devices are given in another order than in the template "
+                         f"({', '.join(i for _, i in old_ids)})")
+    else:
+        for cur, old in zip(cur_devs, old_devs):
+            name = f"{cur['driver']} '{cur['id']}'"
+            if cur.get("mac") != old.get("mac"):
+                diffs.append(f"{name}: mac is {cur.get('mac') or 'the default'} but the template has "
+                             f"{old.get('mac') or 'the default'}")
+            if cur.get("serial") != old.get("serial"):
+                diffs.append(f"{name}: serial is {cur.get('serial')!r} but the template has {old.get('serial')!r}")
+            if "drive_size" in old and cur.get("drive_size") != old.get("drive_size"):
+                diffs.append(f"{name}: the drive file is {cur.get('drive_size')} bytes but the template's "
+                             f"was {old.get('drive_size')} bytes")
+    if diffs:
+        raise SnapshotError("the template does not match this configuration: " + "; ".join(diffs))

@@ -1,0 +1,65 @@
+"""``-incoming file:DIR``: build the VM from a template instead of booting a kernel.
+
+Everything the template could be refused for (format, host, configuration) is
+checked before a KVM object exists.  Guest RAM is the template's memory file
+mapped MAP_PRIVATE, so restore time does not grow with memory size and the
+template is never written.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict
+
+from ..config import VmConfig
+from ..devices.serial import SerialState
+from ..errors import SnapshotError
+from ..memory import GuestMemory
+from . import compat
+from .snapshot import SECTION_VERSIONS, VIRTIO_SECTION_VERSION
+from .vmstate import VcpuState, VmState, restore_vcpu, restore_vm
+
+log = logging.getLogger(__name__)
+
+
+def _state(cls, data: Dict[str, Any], what: str):
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise SnapshotError(f"the template's {what} state is malformed: {e}") from None
+
+
+def restore_vmm(cfg: VmConfig, events: Any):
+    from ..builder import create_vm
+    from ..kvm.ioctls import lib
+    from .format import read_template
+    tpl_dir = cfg.incoming.path
+    supported = dict(SECTION_VERSIONS)
+    template = read_template(tpl_dir, verify=True, kvm_api_version=lib.KVM_API_VERSION)
+    for name, (version, _) in template.sections.items():
+        limit = VIRTIO_SECTION_VERSION if name.startswith("virtio:") else supported.get(name)
+        if limit is None:
+            raise SnapshotError(f"template {tpl_dir} has a section '{name}' this version does not know")
+        template.section(name, limit)
+    compat.check(compat.describe(cfg), template.section("config"))
+    if template.mem_size != cfg.mem_size:
+        raise SnapshotError(f"template memory is {template.mem_size} bytes, -m is {cfg.mem_size}")
+
+    memory = GuestMemory.from_file(template.memory_path, cfg.mem_size, mapped=cfg.incoming.mapped)
+    vmm = create_vm(cfg, events, memory)
+    vcpu_states = template.section("vcpus")
+    if len(vcpu_states) != len(vmm.vcpus):
+        raise SnapshotError(f"template has {len(vcpu_states)} vCPUs, the VM {len(vmm.vcpus)}")
+    restore_vm(vmm.vm, _state(VmState, template.section("vm"), "VM"))
+    for vcpu, data in zip(vmm.vcpus, vcpu_states):
+        data = dict(data, msrs=[tuple(m) for m in data["msrs"]])
+        restore_vcpu(vcpu, _state(VcpuState, data, f"vCPU {vcpu.index}"))
+    vmm.serial.restore(_state(SerialState, template.section("serial"), "serial"))
+    for slot in vmm.virtio_slots:
+        if slot.transport is None:
+            continue
+        data = template.section(f"virtio:{slot.id}")
+        slot.restore(data)
+    vmm.restored_from = template
+    log.info("restored from template %s (%s)", tpl_dir, template.template_id)
+    return vmm

@@ -1,0 +1,123 @@
+"""``migrate {"uri":"file:DIR"}``: write the paused VM as a template.
+
+The QMP thread validates the request and pauses the VM (``STOP`` goes out before
+the reply); a worker thread drains the block devices, collects every component's
+state and hands it with guest RAM to ``format.write_template``, which makes the
+template appear atomically.  ``query-migrate`` follows ``status``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any, Dict, Optional
+
+from ..errors import ConfigError, SnapshotError, VmmError
+from . import compat
+from .vmstate import VcpuState, VmState, save_vcpu, save_vm, saveable_msrs
+
+log = logging.getLogger(__name__)
+
+# Section name -> newest version this code writes and reads.
+SECTION_VERSIONS = {"config": compat.VERSION, "vm": VmState.VERSION, "vcpus": VcpuState.VERSION,
+                    "serial": 1}
+VIRTIO_SECTION_VERSION = 1
+
+
+def parse_uri(uri: str) -> str:
+    kind, _, path = uri.partition(":")
+    if kind != "file" or not path:
+        raise ConfigError(f"Invalid migration uri '{uri}': snapshots are written with file:DIR")
+    return path
+
+
+def collect_sections(vmm) -> Dict[str, Any]:
+    """Every component's state; the vCPUs must be parked."""
+    msr_indices = saveable_msrs(vmm.kvm, vmm.vcpus[0])
+    sections: Dict[str, Any] = {
+        "config": (compat.VERSION, compat.describe(vmm.cfg)),
+        "vm": (VmState.VERSION, save_vm(vmm.vm)),
+        "vcpus": (VcpuState.VERSION, [save_vcpu(v, msr_indices) for v in vmm.vcpus]),
+        "serial": (1, vmm.serial.save()),
+    }
+    for slot in vmm.virtio_slots:
+        if slot.transport is None:
+            continue
+        sections[f"virtio:{slot.id}"] = (VIRTIO_SECTION_VERSION, {
+            "driver": slot.driver, "slot": slot.index,
+            "transport": slot.transport.save(), "device": slot.device.save()})
+    return sections
+
+
+class SnapshotJob:
+    def __init__(self, vmm) -> None:
+        self.vmm = vmm
+        self.status = "none"
+        self.error: Optional[str] = None
+        self.total_time_ms: Optional[int] = None
+        self._cancel = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("setup", "active")
+
+    def start(self, uri: str) -> None:
+        path = parse_uri(uri)
+        with self._lock:
+            if self.active:
+                raise VmmError("a snapshot is already being written")
+            bad = compat.unsupported_features(self.vmm.cfg)
+            if bad:
+                raise SnapshotError("snapshot is not supported with " + ", ".join(bad))
+            self.vmm.pause()
+            self.status = "setup"
+            self.error = None
+            self._cancel.clear()
+            self._thread = threading.Thread(target=self._run, args=(path,), name="snapshot", daemon=True)
+            self._thread.start()
+
+    def cancel(self) -> None:
+        if self.active:
+            self._cancel.set()
+            if self._thread is not None:
+                self._thread.join(30)
+
+    def _run(self, path: str) -> None:
+        from .format import SnapshotCancelled, write_template
+        t0 = time.perf_counter()
+        try:
+            self.status = "active"
+            for slot in self.vmm.virtio_slots:
+                if slot.transport is not None:
+                    slot.transport.drain()
+            sections = collect_sections(self.vmm)
+            header = {"kvm_api_version": self.vmm.kvm.api_version,
+                      "vm_name": self.vmm.cfg.name or ""}
+            write_template(path, header, sections, self.vmm.memory, cancel=self._cancel)
+            self.total_time_ms = int((time.perf_counter() - t0) * 1000)
+            self.status = "completed"
+            log.info("snapshot written to %s in %d ms", path, self.total_time_ms)
+        except SnapshotCancelled:
+            self.status = "cancelled"
+            self.error = "the snapshot was cancelled"
+            log.warning("snapshot to %s cancelled; any previous template is intact", path)
+        except VmmError as e:
+            self.status = "failed"
+            self.error = str(e)
+            log.error("snapshot to %s failed: %s", path, e)
+        except Exception as e:  # never leave query-migrate stuck in 'active'
+            self.status = "failed"
+            self.error = f"{type(e).__name__}: {e}"
+            log.exception("snapshot to %s failed", path)
+
+    def info(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"status": self.status}
+        if self.error:
+            out["error-desc"] = self.error
+        if self.total_time_ms is not None and self.status == "completed":
+            out["total-time"] = self.total_time_ms
+        return out

@@ -1,0 +1,138 @@
+"""Save and restore what KVM holds: every vCPU's registers and the VM's irqchip, PIT, clock.
+
+KVM's own structs are kept as opaque byte blobs in the host kernel's layout, so
+nothing is lost in translation; the header's architecture/vendor checks keep a
+template on a host that shares that layout.  Restore applies state in the order
+KVM needs: CPUID (already set when the vCPU was created), MP state, registers,
+sregs (which carry APIC base and mode) before the LAPIC, the LAPIC before MSRs,
+IA32_TSC before IA32_TSC_DEADLINE, vCPU events last.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Sequence, Tuple
+
+from ..errors import SnapshotError
+from ..kvm import Kvm, KvmError, Vcpu, Vm
+
+log = logging.getLogger(__name__)
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+# MSRs KVM lists but whose saved value must not be written back blindly.
+SKIP_MSRS = {0x3B}   # IA32_TSC_ADJUST follows from IA32_TSC
+
+VCPU_BLOBS = ("regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "fpu", "mp_state")
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    VERSION: ClassVar[int] = 1
+    index: int
+    mp_state: bytes
+    regs: bytes
+    sregs: bytes
+    fpu: bytes
+    xsave: bytes
+    xcrs: bytes
+    debugregs: bytes
+    lapic: bytes
+    msrs: List[Tuple[int, int]]
+    vcpu_events: bytes
+    tsc_khz: int
+
+
+@dataclass(frozen=True)
+class VmState:
+    VERSION: ClassVar[int] = 1
+    pic_master: bytes
+    pic_slave: bytes
+    ioapic: bytes
+    pit: bytes
+    clock: int
+
+
+def saveable_msrs(kvm: Kvm, vcpu: Vcpu) -> List[int]:
+    """KVM's list of MSRs to migrate, less those this vCPU cannot read, TSC first."""
+    readable = []
+    for index in kvm.get_msr_index_list():
+        if index in SKIP_MSRS:
+            continue
+        try:
+            if vcpu.get_msrs([index]):
+                readable.append(index)
+        except KvmError:
+            continue
+    # TSC before TSC_DEADLINE: the deadline is relative to the TSC being restored.
+    readable.sort(key=lambda i: (i != MSR_IA32_TSC, i == MSR_IA32_TSC_DEADLINE, i))
+    return readable
+
+
+def save_vcpu(vcpu: Vcpu, msr_indices: Sequence[int]) -> VcpuState:
+    blobs = {name: vcpu.get_blob(name) for name in
+             ("mp_state", "regs", "sregs", "fpu", "xsave", "xcrs", "debugregs", "lapic")}
+    msrs = vcpu.get_msrs(msr_indices)
+    try:
+        tsc_khz = vcpu.get_tsc_khz()
+    except KvmError:
+        tsc_khz = 0
+    # vCPU events last: reading MSRs can leave exception state to report.
+    events = vcpu.get_blob("vcpu_events")
+    return VcpuState(index=vcpu.index, msrs=[(i, v) for i, v in msrs], vcpu_events=events,
+                     tsc_khz=tsc_khz, **blobs)
+
+
+def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
+    if state.index != vcpu.index:
+        raise SnapshotError(f"vCPU state {state.index} given to vCPU {vcpu.index}")
+    try:
+        vcpu.set_blob("mp_state", state.mp_state)
+        vcpu.set_blob("regs", state.regs)
+        vcpu.set_blob("sregs", state.sregs)
+        vcpu.set_blob("fpu", state.fpu)
+        vcpu.set_blob("xsave", state.xsave)
+        vcpu.set_blob("xcrs", state.xcrs)
+        vcpu.set_blob("debugregs", state.debugregs)
+        vcpu.set_blob("lapic", state.lapic)
+        msrs = [(i, v) for i, v in state.msrs if i not in SKIP_MSRS]
+        _set_msrs_tolerant(vcpu, msrs)
+        vcpu.set_blob("vcpu_events", state.vcpu_events)
+    except KvmError as e:
+        raise SnapshotError(f"cannot restore vCPU {vcpu.index}: {e}") from None
+
+
+def _set_msrs_tolerant(vcpu: Vcpu, msrs: List[Tuple[int, int]]) -> None:
+    """KVM_SET_MSRS stops at the first MSR it refuses; skip that one and go on."""
+    while msrs:
+        try:
+            vcpu.set_msrs(msrs)
+            return
+        except KvmError:
+            pass
+        done = 0
+        for i, entry in enumerate(msrs):
+            try:
+                vcpu.set_msrs([entry])
+            except KvmError:
+                log.warning("vCPU %d: MSR %#x not restored", vcpu.index, entry[0])
+            done = i + 1
+        msrs = msrs[done:]
+
+
+def save_vm(vm: Vm) -> VmState:
+    return VmState(pic_master=vm.get_irqchip("pic-master"), pic_slave=vm.get_irqchip("pic-slave"),
+                   ioapic=vm.get_irqchip("ioapic"), pit=vm.get_pit2(), clock=vm.get_clock())
+
+
+def restore_vm(vm: Vm, state: VmState) -> None:
+    try:
+        vm.set_irqchip(state.pic_master)
+        vm.set_irqchip(state.pic_slave)
+        vm.set_irqchip(state.ioapic)
+        vm.set_pit2(state.pit)
+        # kvmclock continues from the moment of the snapshot: guest time never runs backwards.
+        vm.set_clock(state.clock)
+    except KvmError as e:
+        raise SnapshotError(f"cannot restore the VM's interrupt controllers and clock: {e}") from None
