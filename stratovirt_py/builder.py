@@ -42,6 +42,8 @@ def create_vm(cfg: VmConfig, events: Any, memory: Optional[GuestMemory] = None) 
     for slot, region in enumerate(memory.regions):
         vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
     vmm = Vmm(cfg, kvm, vm, memory, events)
+    from .devices.iothread import IoThread
+    vmm.iothread = IoThread()
     _add_legacy_devices(vmm)
     from .devices.setup import add_virtio_devices   # virtio wiring lives with the devices
     add_virtio_devices(vmm)
@@ -57,10 +59,12 @@ def create_vm(cfg: VmConfig, events: Any, memory: Optional[GuestMemory] = None) 
 
 
 def _add_legacy_devices(vmm: Vmm) -> None:
-    from .devices.console_setup import serial_output
+    from .devices.console_setup import serial_backend
     vm = vmm.vm
-    output = serial_output(vmm)
-    vmm.serial = Serial(output, lambda level: vm.irq_line(layout.SERIAL_IRQ, level))
+    backend = serial_backend(vmm)
+    vmm.serial = Serial(backend.write, lambda level: vm.irq_line(layout.SERIAL_IRQ, level))
+    backend.set_receiver(vmm.serial.enqueue_input)
+    backend.attach(vmm.iothread)
     vmm.pio_bus.insert(vmm.serial, layout.SERIAL_PORT, 8)
     vmm.i8042 = I8042(vmm.on_guest_reset, lambda level: vm.irq_line(layout.I8042_IRQ, level))
     vmm.pio_bus.insert(vmm.i8042, layout.I8042_DATA_PORT, 5)

@@ -2,53 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import sys
-import termios
-import threading
-import tty
-from typing import Callable
-
-from ..errors import ConfigError
+from .chardev import CharBackend, create_chardev
 
 
-def serial_output(vmm) -> Callable[[bytes], None]:
+def serial_backend(vmm) -> CharBackend:
+    """The chardev behind COM1; closed with the VM."""
     s = vmm.cfg.serial
-    if s.kind == "none":
-        return lambda data: None
-    if s.kind == "stdio":
-        _attach_stdin(vmm)
-        return lambda data: os.write(1, data)
-    if s.kind == "file":
-        try:
-            fd = os.open(s.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise ConfigError(f"-serial file: cannot open {s.path}: {e.strerror}") from None
-        vmm.cleanups.append(lambda: os.close(fd))
-        return lambda data: os.write(fd, data)
-    raise ConfigError(f"-serial {s.kind} is not available yet")
-
-
-def _attach_stdin(vmm) -> None:
-    fd = 0
-    try:
-        os.fstat(fd)
-    except OSError:
-        return
-    if os.isatty(fd):
-        saved = termios.tcgetattr(fd)
-        tty.setraw(fd)
-        vmm.cleanups.append(lambda: termios.tcsetattr(fd, termios.TCSADRAIN, saved))
-
-    def reader() -> None:
-        while True:
-            try:
-                data = os.read(fd, 4096)
-            except OSError:
-                return
-            if not data:
-                return
-            if vmm.serial is not None:
-                vmm.serial.enqueue_input(data)
-
-    threading.Thread(target=reader, name="serial-stdin", daemon=True).start()
+    if s.kind == "chardev":
+        ch = vmm.cfg.chardevs[s.chardev]
+        backend = create_chardev(ch.backend, ch.id, ch.path, server=ch.server, nowait=ch.nowait)
+    elif s.kind == "none":
+        backend = CharBackend("serial0")
+    else:
+        backend = create_chardev(s.kind, "serial0", s.path, server=True, nowait=True)
+    vmm.cleanups.append(backend.close)
+    return backend
