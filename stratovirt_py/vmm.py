@@ -169,6 +169,9 @@ class Vmm:
     def migrate_status(self) -> str:
         return self.migration.status if self.migration is not None else "none"
 
+    def migrate_info(self) -> dict:
+        return self.migration.info() if self.migration is not None else {"status": "none"}
+
     def migrate_cancel(self) -> None:
         if self.migration is not None:
             self.migration.cancel()
