@@ -151,7 +151,8 @@ class VmProcess:
         with self._cond:
             while True:
                 text = self._out.decode(errors="replace")
-                m = rx.search(text, start)
+                # Only complete lines count: "heartbeat 1$" must not match half of "heartbeat 12".
+                m = rx.search(text[:text.rfind("\n") + 1], start)
                 if m:
                     return m
                 remaining = deadline - time.monotonic()
