@@ -82,7 +82,6 @@ def run(argv: List[str]) -> int:
 
 def _run_vm(cfg, ready_fd: Optional[int]) -> int:
     from .qmp.events import EventBus
-    from .qmp.server import QmpServer
     from .vcpu_thread import install_kick_handler
     install_kick_handler()
     events = EventBus()
@@ -99,9 +98,6 @@ def _run_vm(cfg, ready_fd: Optional[int]) -> int:
         except OSError as e:
             raise VmmError(f"-pidfile: cannot write {cfg.pidfile}: {e.strerror}") from None
         vmm.cleanups.append(lambda: os.path.exists(cfg.pidfile) and os.unlink(cfg.pidfile))
-    server = QmpServer(vmm, events, cfg.qmp)
-    server.start()
-    vmm.cleanups.append(server.close)
 
     def on_signal(signum, frame) -> None:
         vmm.request_exit("host-signal", 0, f"received signal {signal.Signals(signum).name}")
@@ -109,7 +105,17 @@ def _run_vm(cfg, ready_fd: Optional[int]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    # The guest runs first and the QMP socket comes up right after: a warm start
+    # does not wait for the management plane.
     vmm.start(paused=cfg.start_paused)
+    from .qmp.server import QmpServer
+    server = QmpServer(vmm, events, cfg.qmp)
+    try:
+        server.start()
+    except VmmError:
+        vmm.shutdown()
+        raise
+    vmm.cleanups.append(server.close)
     log.info("VM %s started (%d vCPUs, %d MiB)", cfg.name or "", cfg.nr_cpus, cfg.mem_size >> 20)
     if ready_fd is not None:
         os.write(ready_fd, b"OK")

@@ -247,6 +247,8 @@ class Parser:
                               "(stdio, pty, file,path=P, socket,path=P,server,nowait)")
 
     def _qmp(self, value: str) -> None:
+        from .qmp.address import parse_qmp_address
+        parse_qmp_address(value)    # refuse a bad address before anything starts
         self.cfg.qmp.append(value)
 
     def _incoming(self, value: str) -> None:

@@ -9,14 +9,19 @@
     server.py    QmpServer: sockets, connections, ordering of events and replies
 """
 
-from .commands import COMMANDS, Dispatcher
-from .events import EventBus
-from .machine import MachineControl
-from .protocol import GREETING_LINE, LINE_END
-from .address import QmpAddress, parse_qmp_address
-from .server import QmpServer
+import importlib
+from typing import Any
 
-__all__ = [
-    "COMMANDS", "Dispatcher", "EventBus", "GREETING_LINE", "LINE_END", "MachineControl",
-    "QmpAddress", "QmpServer", "parse_qmp_address",
-]
+# Names are loaded on first use: the restore path imports only what it needs.
+_EXPORTS = {
+    "COMMANDS": "commands", "Dispatcher": "commands", "EventBus": "events",
+    "MachineControl": "machine", "GREETING_LINE": "protocol", "LINE_END": "protocol",
+    "QmpAddress": "address", "parse_qmp_address": "address", "QmpServer": "server",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -6,7 +6,6 @@ nothing else for ``-qmp``; both flags are required (clap marks them so).
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -54,6 +53,7 @@ def parse_qmp_address(spec: str) -> QmpAddress:
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         try:
+            import ipaddress  # only TCP addresses need it
             ipaddress.ip_address(host)
         except ValueError:
             raise ConfigError(
