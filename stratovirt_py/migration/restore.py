@@ -35,8 +35,9 @@ def restore_vmm(cfg: VmConfig, events: Any):
     from .format import read_template
     tpl_dir = cfg.incoming.path
     supported = dict(SECTION_VERSIONS)
-    template = read_template(tpl_dir, verify=True, kvm_api_version=lib.KVM_API_VERSION,
-                             mem_size=cfg.mem_size)
+    # Memory data is checked (or found in the verification cache) before the
+    # configuration, so that one message lists every configuration difference.
+    template = read_template(tpl_dir, verify=True, kvm_api_version=lib.KVM_API_VERSION)
     for name, (version, _) in template.sections.items():
         limit = VIRTIO_SECTION_VERSION if name.startswith("virtio:") else supported.get(name)
         if limit is None:
