@@ -1,0 +1,93 @@
+/* stratovirt-py test guest: main program (runs at CPL3, IOPL=3). */
+#include "lib.h"
+#include "virtio.h"
+
+extern char _bss_start[], _bss_end[];
+
+volatile u64 hb_counter;
+
+static void copy_cmdline(u32 kind, u64 ptr)
+{
+    u64 addr;
+    if (kind == BOOT_PVH) {
+        addr = *(volatile u64 *)(ptr + 0x18);          /* hvm_start_info.cmdline_paddr */
+    } else {
+        addr = *(volatile u32 *)(ptr + 0x228);          /* hdr.cmd_line_ptr */
+        addr |= (u64)*(volatile u32 *)(ptr + 0x0c8) << 32; /* ext_cmd_line_ptr */
+    }
+    cmdline[0] = 0;
+    if (!addr || addr >= 0x100000000UL)
+        return;
+    const volatile char *src = (const volatile char *)addr;
+    size_t i;
+    for (i = 0; i < sizeof(cmdline) - 1 && src[i]; i++)
+        cmdline[i] = src[i];
+    cmdline[i] = 0;
+}
+
+static u64 param_u64(const char *key, u64 dflt)
+{
+    const char *v = cmdline_param(key);
+    if (!v || !*v || *v == ' ')
+        return dflt;
+    return parse_u64(v, NULL);
+}
+
+static __attribute__((noreturn)) void heartbeat(u64 ms, u64 max)
+{
+    u64 interval = ms_to_tsc(ms);
+    u64 next = rdtsc() + interval;
+    for (;;) {
+        u64 now;
+        while ((i64)((now = rdtsc()) - next) < 0) {
+            /* A restored snapshot may see the TSC jump backwards. */
+            if (next - now > 2 * interval)
+                next = now + interval;
+            cpu_relax();
+        }
+        u64 n = read_volatile64((const u64 *)&hb_counter) + 1;
+        write_volatile64((u64 *)&hb_counter, n);
+        kprintf("heartbeat %lu\n", n);
+        if (max && n >= max)
+            poweroff();
+        next += interval;
+        now = rdtsc();
+        if ((i64)(now - next) > (i64)interval)
+            next = now + interval; /* do not burst after a pause */
+    }
+}
+
+__attribute__((noreturn)) void guest_main(u32 kind, u64 ptr)
+{
+    memset(_bss_start, 0, (size_t)(_bss_end - _bss_start));
+    copy_cmdline(kind, ptr);
+
+    kprintf("SVGUEST v1 booted\n");
+    serial_lock();
+    serial_write("cmdline: ", 9);
+    serial_write(cmdline, strlen(cmdline));
+    serial_write("\n", 1);
+    serial_unlock();
+    kprintf("hb-addr: 0x%lx\n", (u64)&hb_counter);
+    tsc_calibrate();
+
+    if (cmdline_param("sv.reset"))
+        reset();
+    if (cmdline_param("sv.triplefault"))
+        sys_triplefault();
+    if (cmdline_param("sv.poweroff"))
+        poweroff();
+
+    if (cmdline_param("sv.smp"))
+        smp_boot();
+
+    virtio_main();
+
+    u64 hb = param_u64("sv.hb", 100);
+    u64 hbmax = param_u64("sv.hbmax", 0);
+    if (hb == 0) {
+        kprintf("idle\n");
+        sys_halt();
+    }
+    heartbeat(hb, hbmax);
+}
