@@ -69,7 +69,6 @@ LDFLAGS = [
     "-Wl,--build-id=none",
     "-Wl,-z,max-page-size=4096",
     "-Wl,-z,noexecstack",
-    "-Wl,--no-warn-rwx-segments",
 ]
 
 FORMATS = {"elf": "guest.elf", "bzimage": "guest.bzimage"}

@@ -63,6 +63,9 @@ common64:
         movl    %eax, %gs
         movl    $pml4, %eax
         movq    %rax, %cr3
+        movq    %cr4, %rax                      /* all pages are user pages: */
+        andq    $~(CR4_SMEP | CR4_SMAP), %rax   /* no SMEP/SMAP */
+        movq    %rax, %cr4
         movq    $kstack_top, %rsp
         pushq   $KCODE
         pushq   $1f

@@ -13,6 +13,8 @@
 #define CR0_PE          0x00000001
 #define CR0_PG          0x80000000
 #define CR4_PAE         0x20
+#define CR4_SMEP        0x100000
+#define CR4_SMAP        0x200000
 #define MSR_EFER        0xc0000080
 #define EFER_LME        0x100
 

@@ -232,6 +232,15 @@ void virtio_main(void)
     if (cmdline_param("sv.net"))
         virtio_net_main();
     const char *bad = cmdline_param("sv.bad");
-    if (bad && strncmp(bad, "blk", 3) == 0)
-        virtio_bad_blk();
+    if (bad) {
+        size_t n = token_len(bad);
+        if (n == 3 && strncmp(bad, "blk", 3) == 0)
+            virtio_bad_blk(1, 1);
+        else if (n == 7 && strncmp(bad, "blkaddr", 7) == 0)
+            virtio_bad_blk(1, 0);
+        else if (n == 7 && strncmp(bad, "blkloop", 7) == 0)
+            virtio_bad_blk(0, 1);
+        else
+            kprintf("bad: unknown mode\n");
+    }
 }

@@ -125,7 +125,7 @@ void virtio_main(void);
 
 /* drivers */
 void virtio_blk_main(void);
-void virtio_bad_blk(void);
+void virtio_bad_blk(int addr, int loop);
 void virtio_blkbench(const char *arg);
 void virtio_rng_main(void);
 void virtio_console_main(void);

@@ -32,12 +32,12 @@ static struct virtio_dev *blk_open(void)
 
 static u64 blk_capacity(struct virtio_dev *d)
 {
-    u32 gen, lo, hi;
+    u32 gen, lo, hi, tries = 0;
     do {
         gen = vio_read(d, VIRTIO_MMIO_CONFIG_GENERATION);
         lo = virtio_config_read32(d, 0);
         hi = virtio_config_read32(d, 4);
-    } while (gen != vio_read(d, VIRTIO_MMIO_CONFIG_GENERATION));
+    } while (gen != vio_read(d, VIRTIO_MMIO_CONFIG_GENERATION) && ++tries < 10);
     return ((u64)hi << 32) | lo;
 }
 
@@ -236,8 +236,9 @@ static void bad_wait(struct virtio_dev *d, struct virtq *q, u64 ms)
     }
 }
 
-/* sv.bad=blk: a descriptor far outside RAM, then a looping chain. */
-void virtio_bad_blk(void)
+/* sv.bad=blk: a descriptor far outside RAM, then (unless the device already
+ * wants a reset) a looping chain; sv.bad=blkaddr / sv.bad=blkloop: only one. */
+void virtio_bad_blk(int addr, int loop)
 {
     struct virtio_dev *d = blk_open();
     if (!d)
@@ -252,11 +253,13 @@ void virtio_bad_blk(void)
         { (u64)sector_buf, 512, 0 },
         { (u64)&statuses[0], 1, 1 },
     };
-    virtq_add(q, 0, c, 3);
-    virtq_notify(d, q);
-    bad_wait(d, q, 500);
+    if (addr) {
+        virtq_add(q, 0, c, 3);
+        virtq_notify(d, q);
+        bad_wait(d, q, 500);
+    }
 
-    if (!(vio_read(d, VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_NEEDS_RESET)) {
+    if (loop && !(vio_read(d, VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_NEEDS_RESET)) {
         /* descriptors 3 and 4 point at each other */
         struct virtq_desc *d3 = &q->desc[3], *d4 = &q->desc[4];
         d3->addr = (u64)&reqs[0];
