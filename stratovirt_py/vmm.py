@@ -119,6 +119,10 @@ class Vmm:
             if self.migration is not None and self.migration.active:
                 raise VmmError("a snapshot is being written; wait for it or cancel it first")
             self.run_state = "running"
+            # A snapshot drains (and so pauses) the devices; they go on with the vCPUs.
+            for slot in self.virtio_slots:
+                if slot.transport is not None:
+                    slot.transport.resume()
             self.group.resume()
             self.events.emit("RESUME")
 

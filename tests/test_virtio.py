@@ -143,3 +143,93 @@ def test_malformed_descriptors_need_reset_vmm_survives(kvm, guest_elf, disk, tmp
         vm.wait_for(r"^heartbeat 5$")       # the guest and the VMM carried on
         assert vm.wait() == 0
     assert "needs reset" in vm.stderr and "Traceback" not in vm.stderr
+
+
+def test_malformed_descriptors_leave_other_devices_working(kvm, guest_elf, disk, tmp_path):
+    with VmProcess(blk_args(guest_elf, disk, "sv.bad=blk sv.io=rng sv.hb=20 sv.hbmax=3") +
+                   ["-object", "rng-random,id=r0,filename=/dev/urandom",
+                    "-device", "virtio-rng-device,rng=r0,id=rng0"], tmp_path) as vm:
+        assert vm.wait() == 0
+    assert re.search(r"^bad: status 0x4f$", vm.output, re.M)
+    assert "io 3 rng ok" in vm.output
+
+
+def devices_args(guest, disk, console_path, append):
+    return blk_args(guest, disk, append, dev_opts=",serial=SNAP-1") + [
+        "-object", "rng-random,id=r0,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=r0,id=rng0",
+        "-device", "virtio-serial-device,id=vs0",
+        "-chardev", f"file,id=c0,path={console_path}",
+        "-device", "virtconsole,chardev=c0,id=con0"]
+
+
+def test_snapshot_restore_keeps_devices_working(kvm, guest_elf, disk, tmp_path):
+    """Disk written before the snapshot is there after restore, and blk, rng and
+    console I/O go on through the restored queues."""
+    tpl = tmp_path / "tpl"
+    con1 = tmp_path / "console1.txt"
+    append = "sv.blkwrite=7 sv.io=blk,rng,con sv.hb=20"
+    with VmProcess(devices_args(guest_elf, disk, con1, append), tmp_path) as vm:
+        vm.wait_for(r"^io 3 blk ok rng ok con ok$")
+        q = vm.qmp()
+        q.cmd("stop")
+        q.cmd("migrate", uri=f"file:{tpl}")
+        while q.cmd("query-migrate")["return"]["status"] in ("setup", "active"):
+            pass
+        assert q.cmd("query-migrate")["return"]["status"] == "completed"
+        at = int(re.findall(r"^heartbeat (\d+)$", vm.output, re.M)[-1])
+        q.cmd("quit")
+        vm.wait()
+    assert disk.read_bytes()[7 * 512:7 * 512 + 15] == b"SVGUEST-WRITE-7"
+
+    con2 = tmp_path / "console2.txt"
+    with VmProcess(devices_args(guest_elf, disk, con2, append) + ["-incoming", f"file:{tpl}"],
+                   tmp_path) as vm:
+        vm.wait_for(rf"^io {at + 3} blk ok rng ok con ok$")
+        assert "SVGUEST v1 booted" not in vm.output
+        assert re.search(rf"^io {at + 1} blk ok rng ok con ok$", vm.output, re.M)
+        n = at + 3
+        sector = 1000 + n % 64
+        assert disk.read_bytes()[sector * 512:sector * 512 + 11 + len(str(n))] == f"SVGUEST-IO-{n}".encode()
+        vm.qmp().cmd("quit")
+    assert f"io {at + 1}\n" in con2.read_text()
+
+
+def test_restore_with_other_serial_refused(kvm, guest_elf, disk, tmp_path):
+    tpl = tmp_path / "tpl"
+    args = blk_args(guest_elf, disk, "sv.hb=20", dev_opts=",serial=A")
+    with VmProcess(args, tmp_path) as vm:
+        vm.wait_for(r"^heartbeat 1$")
+        q = vm.qmp()
+        q.cmd("migrate", uri=f"file:{tpl}")
+        while q.cmd("query-migrate")["return"]["status"] in ("setup", "active"):
+            pass
+        q.cmd("quit")
+    r = run_cli(blk_args(guest_elf, disk, "sv.hb=20", dev_opts=",serial=B") +
+                ["-incoming", f"file:{tpl}", "-qmp", f"unix:{tmp_path}/r.sock,server,nowait"])
+    assert r.returncode == 1
+    assert "serial is 'B' but the template has 'A'" in r.stderr
+    # A copy of the drive at another path is fine.
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(disk.read_bytes())
+    with VmProcess(blk_args(guest_elf, copy, "sv.hb=20", dev_opts=",serial=A") +
+                   ["-incoming", f"file:{tpl}"], tmp_path) as vm:
+        vm.wait_for(r"^heartbeat \d+$")
+    # Another device set is refused, naming the device.
+    r = run_cli(["-kernel", str(guest_elf), "-append", "sv.hb=20", "-incoming", f"file:{tpl}",
+                 "-qmp", f"unix:{tmp_path}/r2.sock,server,nowait"])
+    assert r.returncode == 1 and "virtio-blk-device 'blk0'" in r.stderr
+
+
+def test_devices_go_on_after_snapshot_and_cont(kvm, guest_elf, disk, tmp_path):
+    args = devices_args(guest_elf, disk, tmp_path / "c.txt", "sv.io=blk,rng,con sv.hb=20")
+    with VmProcess(args, tmp_path) as vm:
+        vm.wait_for(r"^io 2 blk ok rng ok con ok$")
+        q = vm.qmp()
+        q.cmd("migrate", uri=f"file:{tmp_path}/tpl")
+        while q.cmd("query-migrate")["return"]["status"] in ("setup", "active"):
+            pass
+        at = int(re.findall(r"^heartbeat (\d+)$", vm.output, re.M)[-1])
+        q.cmd("cont")
+        vm.wait_for(rf"^io {at + 2} blk ok rng ok con ok$")
+        q.cmd("quit")

@@ -11,19 +11,20 @@ serves one client at a time, later clients are turned away; as a client it conne
 ``pty`` (prints ``char device redirected to /dev/pts/N (label ID)`` on stderr, as QEMU does)
 and ``stdio``.
 
-``write`` never blocks the I/O thread: output to a socket without a client, or to a
+``write`` never blocks and never raises (the legacy serial port calls it on a vCPU
+thread, the virtio console on the I/O thread): output to a socket without a client, or to a
 client / pty that does not read fast enough, is dropped (and counted in ``dropped``).
 """
 
 from __future__ import annotations
 
 import atexit
-import errno
 import logging
 import os
 import socket
 import sys
 import termios
+import threading
 import tty
 from typing import Callable, Optional
 
@@ -70,11 +71,9 @@ class CharBackend:
             except BlockingIOError:
                 self.dropped += len(view)
                 return True
-            except OSError as e:
-                if e.errno in (errno.EPIPE, errno.ECONNRESET, errno.EIO):
-                    self.dropped += len(view)
-                    return False
-                raise
+            except OSError:  # EPIPE, ECONNRESET, EIO (pty), EBADF (closed meanwhile)
+                self.dropped += len(view)
+                return False
             view = view[n:]
         return True
 
@@ -114,6 +113,7 @@ class SocketBackend(CharBackend):
         self.server = server
         self.listener: Optional[socket.socket] = None
         self.client: Optional[socket.socket] = None
+        self._lock = threading.Lock()   # client changes (I/O thread) vs. writes (any thread)
         try:
             if server:
                 if os.path.exists(path):
@@ -138,7 +138,8 @@ class SocketBackend(CharBackend):
 
     def _set_client(self, conn: socket.socket) -> None:
         conn.setblocking(False)
-        self.client = conn
+        with self._lock:
+            self.client = conn
         if self._iothread is not None:
             self._iothread.register(conn.fileno(), self._on_client_readable)
 
@@ -176,19 +177,22 @@ class SocketBackend(CharBackend):
         self._deliver(data)
 
     def _drop_client(self) -> None:
-        conn, self.client = self.client, None
-        if conn is None:
-            return
-        if self._iothread is not None:
-            self._iothread.unregister(conn.fileno())
-        conn.close()
+        with self._lock:
+            conn, self.client = self.client, None
+            if conn is None:
+                return
+            if self._iothread is not None:
+                self._iothread.unregister(conn.fileno())
+            conn.close()
 
     def write(self, data: bytes) -> None:
-        conn = self.client
-        if conn is None:
-            self.dropped += len(data)
-            return
-        if not self._write_nonblocking(conn.fileno(), data):
+        with self._lock:
+            conn = self.client
+            if conn is None:
+                self.dropped += len(data)
+                return
+            ok = self._write_nonblocking(conn.fileno(), data)
+        if not ok:
             self._drop_client()
 
     def close(self) -> None:

@@ -48,8 +48,8 @@ class VirtioSlot:
             tr_state = MmioTransportState.from_dict(data["transport"])
         except (TypeError, KeyError) as e:
             raise SnapshotError(f"the template's state of device '{self.id}' is malformed: {e}") from None
-        self.device.restore(dev_state)
         self.transport.restore(tr_state)
+        self.device.restore(dev_state)
 
 
 def create_device(cfg: VmConfig, dev: DeviceConfig):

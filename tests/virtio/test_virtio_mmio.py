@@ -2,10 +2,11 @@
 containment, interrupts, the I/O thread path and state round trips."""
 
 import os
-import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from stratovirt_py.devices.iothread import IoThread
 from stratovirt_py.devices.virtio import mmio as M
@@ -230,9 +231,6 @@ def test_transport_restore_is_strict(mem):
         with pytest.raises(SnapshotError):
             t2.restore(M.MmioTransportState(**{**state.__dict__, **bad}))
 
-
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 _REGS = [0x0, 0x4, 0x8, 0xC, 0x10, 0x14, 0x20, 0x24, 0x30, 0x34, 0x38, 0x44, 0x50, 0x60,
          0x64, 0x70, 0x80, 0x84, 0x90, 0x94, 0xA0, 0xA4, 0xAC, 0xFC, 0x100, 0x104, 0x1FC, 0x3]

@@ -35,7 +35,7 @@ import logging
 import os
 import struct
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, List, Optional, Set, Tuple
 
 from ...errors import SnapshotError

@@ -48,6 +48,7 @@ static __attribute__((noreturn)) void heartbeat(u64 ms, u64 max)
         u64 n = read_volatile64((const u64 *)&hb_counter) + 1;
         write_volatile64((u64 *)&hb_counter, n);
         kprintf("heartbeat %lu\n", n);
+        virtio_io_tick(n);
         if (max && n >= max)
             poweroff();
         next += interval;

@@ -130,5 +130,13 @@ void virtio_blkbench(const char *arg);
 void virtio_rng_main(void);
 void virtio_console_main(void);
 void virtio_net_main(void);
+#define VIRTIO_BLK_T_IN     0
+#define VIRTIO_BLK_T_OUT    1
+#define VIRTIO_BLK_T_FLUSH  4
+#define VIRTIO_BLK_T_GET_ID 8
+struct virtio_dev *blk_open(void);
+int blk_request(struct virtio_dev *d, u32 type, u64 sector, void *buf, u32 len, int device_writes);
+/* sv.io=<blk,rng>: one round of device I/O per heartbeat (after a restore too). */
+void virtio_io_tick(u64 n);
 
 #endif

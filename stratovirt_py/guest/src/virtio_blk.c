@@ -2,10 +2,6 @@
 #include "virtio.h"
 
 #define VIRTIO_BLK_F_FLUSH (1UL << 9)
-#define VIRTIO_BLK_T_IN     0
-#define VIRTIO_BLK_T_OUT    1
-#define VIRTIO_BLK_T_FLUSH  4
-#define VIRTIO_BLK_T_GET_ID 8
 
 #define BENCH_DEPTH 16
 #define BENCH_BUF (2UL << 20)
@@ -22,7 +18,7 @@ static volatile u8 statuses[BENCH_DEPTH];
 static u8 sector_buf[512] __attribute__((aligned(512)));
 static u8 bench_buf[BENCH_BUF] __attribute__((aligned(4096), section(".noinit")));
 
-static struct virtio_dev *blk_open(void)
+struct virtio_dev *blk_open(void)
 {
     struct virtio_dev *d = virtio_open(VIRTIO_ID_BLOCK, VIRTIO_BLK_F_FLUSH, 1);
     if (!d)
@@ -43,8 +39,8 @@ static u64 blk_capacity(struct virtio_dev *d)
 
 /* One synchronous request on descriptors 0..2; returns the status byte or -1
  * on timeout. */
-static int blk_request(struct virtio_dev *d, u32 type, u64 sector, void *buf, u32 len,
-                       int device_writes)
+int blk_request(struct virtio_dev *d, u32 type, u64 sector, void *buf, u32 len,
+                int device_writes)
 {
     struct virtq *q = &d->vq[0];
     struct virtq_chain c[3];

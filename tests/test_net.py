@@ -1,0 +1,293 @@
+"""virtio-net with the real VMM and the test guest (``sv.net``), over taps in a network
+namespace each test creates and deletes: frames both ways, an inherited tap fd, start-up
+errors, and snapshot/restore onto the same and onto another tap.
+
+Host side: an AF_PACKET socket bound to the tap (created on a thread that joined the
+namespace) sees what the guest sends and injects what the guest should receive.  Nothing
+leaves the namespace: the taps have no other link.
+"""
+
+import ctypes
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from vmtools import VmProcess, run_cli, stratovirt_cmd
+
+from stratovirt_py.devices.virtio.net import default_mac, format_mac
+
+pytestmark = pytest.mark.kvm
+
+MEM = "128"
+ETH_SV = 0x88B5
+GUEST_MAC = "52:54:00:12:34:56"
+HOST_MAC = bytes.fromhex("020000000001")
+PACKET_OUTGOING = 4
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# -- the namespace and its taps ----------------------------------------------------------------
+def _ip(*args, ns=None, check=True):
+    cmd = (["ip", "netns", "exec", ns] if ns else []) + list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=20)
+
+
+@pytest.fixture
+def netns(request):
+    if os.geteuid() != 0:
+        pytest.skip("the net tests create a network namespace and taps: they need root")
+    if not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        pytest.skip("/dev/net/tun is not usable")
+    try:
+        _ip("ip", "-V")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("the ip command is missing")
+    name = f"svnet-{uuid.uuid4().hex[:8]}"
+    _ip("ip", "netns", "add", name)
+    request.addfinalizer(lambda: _ip("ip", "netns", "del", name, check=False))
+    _ip("sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1",
+        ns=name, check=False)
+    for tap in ("svtap0", "svtap1"):
+        _ip("ip", "tuntap", "add", tap, "mode", "tap", ns=name)
+        _ip("ip", "link", "set", tap, "up", ns=name)
+    return name
+
+
+def in_netns(ns, fn):
+    """Run ``fn`` on a thread that joined ``ns``: sockets and taps it opens live there."""
+    out = {}
+
+    def run():
+        try:
+            fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            out["v"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+            out["e"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "e" in out:
+        raise out["e"]
+    return out["v"]
+
+
+class Wire:
+    """Raw frames of EtherType 0x88B5 on one tap, seen from the host."""
+
+    def __init__(self, ns, ifname):
+        def make():
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_SV))
+            s.bind((ifname, ETH_SV))
+            return s
+        self.sock = in_netns(ns, make)
+        self.ifname = ifname
+
+    def recv(self, timeout=20.0):
+        """The next frame the guest sent (our own injections are skipped)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"no frame from the guest on {self.ifname}")
+            self.sock.settimeout(left)
+            data, addr = self.sock.recvfrom(65536)
+            if addr[2] != PACKET_OUTGOING:
+                return data
+
+    def send(self, dst: bytes, payload: bytes, src: bytes = HOST_MAC) -> None:
+        f = dst + src + ETH_SV.to_bytes(2, "big") + payload
+        self.sock.send(f + bytes(max(0, 60 - len(f))))
+
+    def close(self):
+        self.sock.close()
+
+
+def parse(f: bytes):
+    return f[:6], f[6:12], int.from_bytes(f[12:14], "big"), f[14:].rstrip(b"\0")
+
+
+def mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+# -- the VMM ------------------------------------------------------------------------------------
+class NetVm(VmProcess):
+    """``VmProcess``, optionally run inside a namespace and with fds handed over."""
+
+    def __init__(self, args, tmp, ns=None, pass_fds=()):
+        import subprocess as sp
+        real_popen = sp.Popen
+
+        def popen(argv, **kw):
+            prefix = ["ip", "netns", "exec", ns] if ns else []
+            return real_popen(prefix + list(argv), pass_fds=tuple(pass_fds), **kw)
+        import vmtools
+        vmtools.subprocess.Popen = popen
+        try:
+            super().__init__(args, tmp)
+        finally:
+            vmtools.subprocess.Popen = real_popen
+
+
+def vm_args(guest, netdev, mac=GUEST_MAC, wait_ms=20000, extra=()):
+    dev = "virtio-net-device,id=net0,netdev=n0" + (f",mac={mac}" if mac else "")
+    return ["-m", MEM, "-kernel", str(guest),
+            "-append", f"sv.net sv.netwait={wait_ms} sv.hb=0",
+            "-netdev", f"tap,id=n0,{netdev}", "-device", dev, *extra]
+
+
+def ping_pong(vm, wire, mac: str, payload=b"SVGUEST-HOST-HELLO", start=0):
+    """Inject a frame for the guest; check it arrives and the guest's reply comes back."""
+    wire.send(mac_bytes(mac), payload)
+    vm.wait_for(rf"^net: got {payload.decode()}$", start=start)
+    dst, src, etype, body = parse(wire.recv())
+    assert (dst, src, etype, body) == (HOST_MAC, mac_bytes(mac), ETH_SV, b"SVGUEST-NET-PONG")
+    vm.wait_for(r"^net: replied$", start=start)
+
+
+def expect_ping(vm, wire, mac: str):
+    vm.wait_for(rf"^net: mac {mac}$")
+    dst, src, etype, body = parse(wire.recv())
+    assert (dst, src, etype, body) == (b"\xff" * 6, mac_bytes(mac), ETH_SV, b"SVGUEST-NET-PING")
+    vm.wait_for(r"^net: sent$")
+
+
+def quit_vm(vm):
+    q = vm.qmp()
+    q.cmd("quit")
+    assert vm.wait() == 0
+
+
+def wait_migrate(q, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        info = q.cmd("query-migrate")["return"]
+        if info["status"] not in ("setup", "active") or time.monotonic() > deadline:
+            return info
+        time.sleep(0.01)
+
+
+# -- tests ----------------------------------------------------------------------------------------
+def test_frames_both_ways_on_a_named_tap(kvm, netns, guest_elf, tmp_path):
+    wire = Wire(netns, "svtap0")
+    try:
+        with NetVm(vm_args(guest_elf, "ifname=svtap0"), tmp_path, ns=netns) as vm:
+            expect_ping(vm, wire, GUEST_MAC)
+            ping_pong(vm, wire, GUEST_MAC)
+            quit_vm(vm)
+            assert vm.stderr == ""
+    finally:
+        wire.close()
+
+
+def test_inherited_fd_and_default_mac(kvm, netns, guest_elf, tmp_path):
+    import fcntl
+    from stratovirt_py.devices import tap as T
+
+    def open_tap():
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+        fcntl.ioctl(fd, T.TUNSETIFF, T._ifreq("svtap1", T.IFF_TAP | T.IFF_NO_PI | T.IFF_VNET_HDR))
+        return fd
+    fd = in_netns(netns, open_tap)
+    wire = Wire(netns, "svtap1")
+    mac = format_mac(default_mac("net0"))
+    try:
+        # the VMM itself runs outside the namespace: the fd is all it needs
+        with NetVm(vm_args(guest_elf, f"fd={fd}", mac=None), tmp_path, pass_fds=[fd]) as vm:
+            os.close(fd)
+            fd = -1
+            expect_ping(vm, wire, mac)
+            ping_pong(vm, wire, mac, b"VIA-AN-FD")
+            quit_vm(vm)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        wire.close()
+
+
+def _one_line_error(proc_or_res, *needles):
+    err = proc_or_res.stderr
+    assert proc_or_res.returncode == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_startup_errors(kvm, guest_elf, tmp_path):
+    sock = f"unix:{tmp_path}/q.sock,server,nowait"
+    base = ["-qmp", sock]
+    res = run_cli(vm_args(guest_elf, "ifname=svtap0", mac="52:54:00:zz:00:01") + base)
+    _one_line_error(res, "stratovirt: ", "virtio-net-device,id=net0", "invalid mac '52:54:00:zz:00:01'")
+    res = run_cli(vm_args(guest_elf, "ifname=svtap0", mac="01:00:5e:00:00:01") + base)
+    _one_line_error(res, "mac '01:00:5e:00:00:01' is a multicast address")
+    res = run_cli(vm_args(guest_elf, "fd=1017") + base)
+    _one_line_error(res, "netdev n0: fd 1017 is not open")
+    res = run_cli(vm_args(guest_elf, "ifname=svtap0,vhost=on") + base)
+    _one_line_error(res, "netdev n0: vhost-net is not supported: /dev/vhost-net")
+
+
+def test_missing_or_wrong_tap_is_a_startup_error(kvm, netns, guest_elf, tmp_path):
+    sock = f"unix:{tmp_path}/q.sock,server,nowait"
+    argv = stratovirt_cmd() + vm_args(guest_elf, "ifname=svnosuch") + ["-qmp", sock]
+    # Without CAP_NET_ADMIN the VMM cannot create the tap it names.
+    res = subprocess.run(["setpriv", "--bounding-set", "-net_admin", "--inh-caps", "-net_admin",
+                          "ip", "netns", "exec", netns] + argv,
+                         capture_output=True, text=True, timeout=30)
+    _one_line_error(res, "netdev n0: tap device svnosuch does not exist")
+    res = subprocess.run(["ip", "netns", "exec", netns] + stratovirt_cmd()
+                         + vm_args(guest_elf, "ifname=lo") + ["-qmp", sock],
+                         capture_output=True, text=True, timeout=30)
+    _one_line_error(res, "netdev n0: lo is not a tap device")
+    # no tap appeared
+    assert "svnosuch" not in _ip("ip", "link", ns=netns).stdout
+
+
+def test_snapshot_restore_on_same_and_other_tap(kvm, netns, guest_elf, tmp_path):
+    tpl = tmp_path / "tpl"
+    wire0, wire1 = Wire(netns, "svtap0"), Wire(netns, "svtap1")
+    args0 = vm_args(guest_elf, "ifname=svtap0", wait_ms=600000)
+    try:
+        with NetVm(args0, tmp_path, ns=netns) as vm:
+            expect_ping(vm, wire0, GUEST_MAC)          # now waiting for a frame
+            q = vm.qmp()
+            assert q.cmd("stop") == {"return": {}}
+            assert q.cmd("migrate", uri=f"file:{tpl}") == {"return": {}}
+            assert wait_migrate(q)["status"] == "completed"
+            q.cmd("quit")
+            assert vm.wait() == 0
+        for ifname, wire in (("svtap0", wire0), ("svtap1", wire1)):
+            args = vm_args(guest_elf, f"ifname={ifname}", wait_ms=600000)
+            with NetVm(args + ["-incoming", f"file:{tpl}"], tmp_path, ns=netns) as vm:
+                vm.qmp()                                # restored and running
+                ping_pong(vm, wire, GUEST_MAC, f"RESTORED-ON-{ifname}".encode())
+                assert "SVGUEST v1 booted" not in vm.output
+                quit_vm(vm)
+        # another mac is refused and the message names it
+        args = vm_args(guest_elf, "ifname=svtap1", mac="52:54:00:65:43:21", wait_ms=600000)
+        vm = NetVm(args + ["-incoming", f"file:{tpl}"], tmp_path, ns=netns)
+        try:
+            rc = vm.wait(30)
+        finally:
+            vm.kill()
+        assert rc == 1, vm.stderr
+        assert re.search(r"mac is 52:54:00:65:43:21 but the template has 52:54:00:12:34:56",
+                         vm.stderr), vm.stderr
+        assert len(vm.stderr.strip().splitlines()) == 1, vm.stderr
+    finally:
+        wire0.close()
+        wire1.close()
