@@ -54,7 +54,9 @@ def create_vm(cfg: VmConfig, events: Any, memory: Optional[GuestMemory] = None) 
         vmm.vcpus.append(vcpu)
     vmm.group = VcpuGroup(vmm.vcpus, vmm.pio_bus, vmm.mmio_bus, vmm.request_exit)
     from .migration.snapshot import SnapshotJob
+    from .devices.hotplug import Hotplug
     vmm.migration = SnapshotJob(vmm)
+    vmm.hotplug = Hotplug(vmm)
     return vmm
 
 

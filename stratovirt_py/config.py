@@ -115,6 +115,7 @@ class DeviceConfig:
     driver: str
     id: str
     props: Dict[str, str] = field(default_factory=dict)
+    slot: Optional[int] = None      # virtio-mmio slot, once placed
 
 
 @dataclass

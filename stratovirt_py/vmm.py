@@ -44,7 +44,8 @@ class Vmm:
         self._exit_event = threading.Event()
         self._exit_lock = threading.Lock()
         self._state_lock = threading.RLock()
-        self.migration = None          # set by builder: migration.snapshot.SnapshotJob factory
+        self.migration = None          # migration.snapshot.SnapshotJob, set by the builder
+        self.hotplug = None            # devices.hotplug.Hotplug, set by the builder
         self.restored_from = None      # the Template this VM was restored from
         self.cleanups: List = []       # callables run once at exit (terminal mode, sockets)
 
@@ -194,10 +195,9 @@ class Vmm:
         self._hotplug().device_del(dev_id)
 
     def _hotplug(self):
-        hp = getattr(self, "hotplug", None)
-        if hp is None:
+        if self.hotplug is None:
             raise VmmError("device hot-replace is not available")
-        return hp
+        return self.hotplug
 
     def add_fd(self, name: str, fd: int) -> None:
         old = self.fds.pop(name, None)

@@ -268,6 +268,9 @@ def test_snapshot_restore_on_same_and_other_tap(kvm, netns, guest_elf, tmp_path)
             assert q.cmd("stop") == {"return": {}}
             assert q.cmd("migrate", uri=f"file:{tpl}") == {"return": {}}
             assert wait_migrate(q)["status"] == "completed"
+            # the template VM itself goes on after the snapshot
+            assert q.cmd("cont") == {"return": {}}
+            ping_pong(vm, wire0, GUEST_MAC, b"TEMPLATE-GOES-ON")
             q.cmd("quit")
             assert vm.wait() == 0
         for ifname, wire in (("svtap0", wire0), ("svtap1", wire1)):

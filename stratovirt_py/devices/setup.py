@@ -1,7 +1,11 @@
 """Create the configured virtio devices and plug them into virtio-mmio slots.
 
-Slot ``i`` sits at ``0xF010_0000 + i * 0x200`` with IRQ ``5 + i`` and is announced
-to the guest on the kernel command line (``virtio_mmio.device=512@0x...:IRQ``).
+The slot layout follows StratoVirt's microvm: the first slots are *replaceable* —
+four virtio-blk slots then two virtio-net slots, always present, filled by the
+command line's blk/net devices in order and by ``device_add`` later (empty ones
+are drives of capacity 0 / nets with no link).  Other devices take the slots after
+them.  Slot ``i`` sits at ``0xF010_0000 + i * 0x200`` with IRQ ``5 + i`` and is
+announced on the kernel command line (``virtio_mmio.device=512@0x...:IRQ``).
 Kicks reach the I/O thread through ioeventfds and interrupts go to the guest
 through irqfds, so neither costs a trip through a vCPU thread's Python code.
 """
@@ -10,15 +14,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ..boot import layout
 from ..config import DeviceConfig, VmConfig
 from ..errors import ConfigError, DeviceError, SnapshotError
 
 MAX_SLOTS = layout.VIRTIO_LAST_IRQ - layout.VIRTIO_FIRST_IRQ + 1
+REPLACEABLE = {"virtio-blk-device": (0, 4), "virtio-net-device": (4, 2)}   # first slot, count
+FIRST_OTHER_SLOT = 6
 
-# A device's whole life is in its module; this table only says which one.
 UNSUPPORTED = {
     "vhost-vsock-device": "vhost-vsock needs /dev/vhost-vsock and is not supported by this VMM yet",
     "virtio-balloon-device": "virtio-balloon is not supported by this VMM yet",
@@ -31,23 +36,31 @@ class VirtioSlot:
     index: int
     base: int
     irq: int
-    id: Optional[str] = None
-    driver: Optional[str] = None
+    driver: str                      # fixed for the slot's life
+    id: Optional[str] = None         # the device plugged in, None when empty
     transport: Any = None
     device: Any = None
     irqfd: int = -1
 
+    @property
+    def section(self) -> str:
+        return f"virtio:slot{self.index}"
+
+    def save(self) -> Dict[str, Any]:
+        return {"driver": self.driver, "id": self.id, "transport": self.transport.save(),
+                "device": self.device.save()}
+
     def restore(self, data: Dict[str, Any]) -> None:
         from .virtio.mmio import MmioTransportState
-        if data.get("driver") != self.driver:
-            raise SnapshotError(f"template slot of '{self.id}' holds a {data.get('driver')}, "
-                                f"not a {self.driver}")
+        if data.get("driver") != self.driver or data.get("id") != self.id:
+            raise SnapshotError(f"virtio slot {self.index} holds {data.get('driver')} "
+                                f"'{data.get('id')}' in the template, not {self.driver} '{self.id}'")
         state_cls = type(self.device.save())
         try:
             dev_state = state_cls(**data["device"])
             tr_state = MmioTransportState.from_dict(data["transport"])
         except (TypeError, KeyError) as e:
-            raise SnapshotError(f"the template's state of device '{self.id}' is malformed: {e}") from None
+            raise SnapshotError(f"the template's state of virtio slot {self.index} is malformed: {e}") from None
         self.transport.restore(tr_state)
         self.device.restore(dev_state)
 
@@ -72,7 +85,7 @@ def create_device(cfg: VmConfig, dev: DeviceConfig):
         return Rng(obj.props.get("filename", "/dev/random"), max_bytes=max_bytes,
                    period_ms=period, id=dev.id)
     if dev.driver == "virtio-serial-device":
-        from .chardev import create_chardev
+        from .chardev import CharBackend, create_chardev
         from .virtio.console import Console
         ports = [d for d in cfg.devices if d.driver == "virtconsole"]
         if len(ports) > 1:
@@ -81,7 +94,6 @@ def create_device(cfg: VmConfig, dev: DeviceConfig):
             ch = cfg.chardevs[ports[0].props["chardev"]]
             backend = create_chardev(ch.backend, ch.id, ch.path, server=ch.server, nowait=ch.nowait)
         else:
-            from .chardev import CharBackend
             backend = CharBackend(dev.id)
         return Console(backend, id=dev.id)
     if dev.driver == "virtconsole":
@@ -92,11 +104,51 @@ def create_device(cfg: VmConfig, dev: DeviceConfig):
     raise ConfigError(f"-device {dev.driver} is not supported")
 
 
-def plug(vmm, index: int, dev_id: str, driver: str, device) -> VirtioSlot:
+def create_empty(driver: str, index: int):
+    """The device of an empty replaceable slot."""
+    if driver == "virtio-blk-device":
+        from .virtio.blk import Blk
+        return Blk(None, id=f"slot{index}")
+    from .virtio.net import Net
+    empty = getattr(Net, "empty", None)
+    return empty(id=f"slot{index}") if empty else None
+
+
+def place(cfg: VmConfig) -> List[Optional[DeviceConfig]]:
+    """Assign every virtio device a slot (keeping ``dev.slot`` where it is already set)."""
+    slots: List[Optional[DeviceConfig]] = [None] * FIRST_OTHER_SLOT
+    devs = [d for d in cfg.devices if d.driver not in ("virtconsole",) + tuple(UNSUPPORTED)]
+    for d in devs:
+        if d.slot is not None:
+            while len(slots) <= d.slot:
+                slots.append(None)
+            if slots[d.slot] is not None:
+                raise ConfigError(f"devices '{slots[d.slot].id}' and '{d.id}' both want slot {d.slot}")
+            slots[d.slot] = d
+    for d in devs:
+        if d.slot is not None:
+            continue
+        if d.driver in REPLACEABLE:
+            first, count = REPLACEABLE[d.driver]
+            free = [i for i in range(first, first + count) if slots[i] is None]
+            if not free:
+                kind = "virtio-blk" if "blk" in d.driver else "virtio-net"
+                raise ConfigError(f"too many {kind} devices: the microvm has {count} {kind} slots")
+            d.slot = free[0]
+        else:
+            d.slot = max(len(slots), FIRST_OTHER_SLOT)
+            slots.extend([None] * (d.slot + 1 - len(slots)))
+        slots[d.slot] = d
+    if len(slots) > MAX_SLOTS:
+        raise ConfigError(f"too many virtio devices: the microvm has {MAX_SLOTS} virtio-mmio slots")
+    return slots
+
+
+def plug(vmm, index: int, driver: str, dev_id: Optional[str], device) -> VirtioSlot:
     from .virtio.mmio import EventFdIrq, MmioTransport
     base = layout.VIRTIO_MMIO_BASE + index * layout.VIRTIO_MMIO_SIZE
     irq = layout.VIRTIO_FIRST_IRQ + index
-    slot = VirtioSlot(index=index, base=base, irq=irq, id=dev_id, driver=driver, device=device)
+    slot = VirtioSlot(index=index, base=base, irq=irq, driver=driver, id=dev_id, device=device)
     slot.irqfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
     vmm.vm.register_irqfd(slot.irqfd, irq)
     slot.transport = MmioTransport(device, vmm.memory, EventFdIrq(slot.irqfd), vmm.iothread)
@@ -109,20 +161,20 @@ def plug(vmm, index: int, dev_id: str, driver: str, device) -> VirtioSlot:
 
 def add_virtio_devices(vmm) -> None:
     cfg = vmm.cfg
+    layout_ = place(cfg)
     made = []
     try:
-        for dev in cfg.devices:
-            device = create_device(cfg, dev)
-            if device is not None:
-                made.append((dev, device))
+        for index, dev in enumerate(layout_):
+            if dev is not None:
+                made.append((index, dev.driver, dev.id, create_device(cfg, dev)))
+            elif index < FIRST_OTHER_SLOT:
+                driver = "virtio-blk-device" if index < REPLACEABLE["virtio-net-device"][0] else "virtio-net-device"
+                made.append((index, driver, None, create_empty(driver, index)))
     except Exception:
-        for _, device in made:
+        for *_, device in made:
             device.close()
         raise
-    if not made:
-        return
-    if len(made) > MAX_SLOTS:
-        raise ConfigError(f"too many virtio devices: the microvm has {MAX_SLOTS} virtio-mmio slots")
-    for index, (dev, device) in enumerate(made):
-        vmm.virtio_slots.append(plug(vmm, index, dev.id, dev.driver, device))
+    for index, driver, dev_id, device in made:
+        if device is not None:
+            vmm.virtio_slots.append(plug(vmm, index, driver, dev_id, device))
     vmm.cleanups.append(lambda: [s.transport.close() for s in vmm.virtio_slots if s.transport])

@@ -26,7 +26,7 @@ def describe(cfg: VmConfig) -> Dict[str, Any]:
     """The parts of the configuration a template depends on (stored as the ``config`` section)."""
     devices = []
     for dev in cfg.devices:
-        d: Dict[str, Any] = {"id": dev.id, "driver": dev.driver}
+        d: Dict[str, Any] = {"id": dev.id, "driver": dev.driver, "slot": dev.slot}
         if dev.driver == "virtio-blk-device":
             drive = cfg.drives[dev.props["drive"]]
             d["serial"] = dev.props.get("serial")
@@ -40,6 +40,19 @@ def describe(cfg: VmConfig) -> Dict[str, Any]:
         devices.append(d)
     return {"machine": cfg.machine_type, "mem_size": cfg.mem_size, "nr_cpus": cfg.nr_cpus,
             "devices": devices}
+
+
+def place_like(cfg: VmConfig, saved: Dict[str, Any]) -> None:
+    """Put devices the template knows into the slots they had there.
+
+    A device hot-plugged into slot N must come back in slot N even though the restore
+    command line lists it among the others.
+    """
+    slots = {(d["driver"], d["id"]): d.get("slot") for d in saved.get("devices") or []}
+    for dev in cfg.devices:
+        slot = slots.get((dev.driver, dev.id))
+        if slot is not None:
+            dev.slot = slot
 
 
 def unsupported_features(cfg: VmConfig) -> List[str]:
@@ -72,28 +85,26 @@ def check(current: Dict[str, Any], saved: Dict[str, Any]) -> None:
     if current["nr_cpus"] != saved.get("nr_cpus"):
         diffs.append(f"-smp is {current['nr_cpus']} but the template has {saved.get('nr_cpus')}")
     cur_devs, old_devs = current["devices"], saved.get("devices") or []
-    cur_ids = [(d["driver"], d["id"]) for d in cur_devs]
-    old_ids = [(d["driver"], d["id"]) for d in old_devs]
-    if cur_ids != old_ids:
-        missing = [f"{drv} '{i}'" for drv, i in old_ids if (drv, i) not in cur_ids]
-        extra = [f"{drv} '{i}'" for drv, i in cur_ids if (drv, i) not in old_ids]
-        if missing:
-            diffs.append("the template has devices this command line lacks: " + ", ".join(missing))
-        if extra:
-            diffs.append("this command line has devices the template lacks: " + ", ".join(extra))
-        if not missing and not extra:
-            diffs.append("the devices are given in another order than in the template "
-                         f"({', '.join(i for _, i in old_ids)})")
-    else:
-        for cur, old in zip(cur_devs, old_devs):
-            name = f"{cur['driver']} '{cur['id']}'"
-            if cur.get("mac") != old.get("mac"):
-                diffs.append(f"{name}: mac is {cur.get('mac') or 'the default'} but the template has "
-                             f"{old.get('mac') or 'the default'}")
-            if cur.get("serial") != old.get("serial"):
-                diffs.append(f"{name}: serial is {cur.get('serial')!r} but the template has {old.get('serial')!r}")
-            if "drive_size" in old and cur.get("drive_size") != old.get("drive_size"):
-                diffs.append(f"{name}: the drive file is {cur.get('drive_size')} bytes but the template's "
-                             f"was {old.get('drive_size')} bytes")
+    cur_by_id = {(d["driver"], d["id"]): d for d in cur_devs}
+    old_by_id = {(d["driver"], d["id"]): d for d in old_devs}
+    missing = [f"{drv} '{i}'" for drv, i in old_by_id if (drv, i) not in cur_by_id]
+    extra = [f"{drv} '{i}'" for drv, i in cur_by_id if (drv, i) not in old_by_id]
+    if missing:
+        diffs.append("the template has devices this command line lacks: " + ", ".join(missing))
+    if extra:
+        diffs.append("this command line has devices the template lacks: " + ", ".join(extra))
+    for key, old in old_by_id.items():
+        cur = cur_by_id.get(key)
+        if cur is None:
+            continue
+        name = f"{cur['driver']} '{cur['id']}'"
+        if cur.get("mac") != old.get("mac"):
+            diffs.append(f"{name}: mac is {cur.get('mac') or 'the default'} but the template has "
+                         f"{old.get('mac') or 'the default'}")
+        if cur.get("serial") != old.get("serial"):
+            diffs.append(f"{name}: serial is {cur.get('serial')!r} but the template has {old.get('serial')!r}")
+        if "drive_size" in old and cur.get("drive_size") != old.get("drive_size"):
+            diffs.append(f"{name}: the drive file is {cur.get('drive_size')} bytes but the template's "
+                         f"was {old.get('drive_size')} bytes")
     if diffs:
         raise SnapshotError("the template does not match this configuration: " + "; ".join(diffs))

@@ -43,7 +43,9 @@ def restore_vmm(cfg: VmConfig, events: Any):
         if limit is None:
             raise SnapshotError(f"template {tpl_dir} has a section '{name}' this version does not know")
         template.section(name, limit)
-    compat.check(compat.describe(cfg), template.section("config"))
+    saved_cfg = template.section("config")
+    compat.place_like(cfg, saved_cfg)
+    compat.check(compat.describe(cfg), saved_cfg)
     if template.mem_size != cfg.mem_size:
         raise SnapshotError(f"template memory is {template.mem_size} bytes, -m is {cfg.mem_size}")
 
@@ -58,10 +60,9 @@ def restore_vmm(cfg: VmConfig, events: Any):
         restore_vcpu(vcpu, _state(VcpuState, data, f"vCPU {vcpu.index}"))
     vmm.serial.restore(_state(SerialState, template.section("serial"), "serial"))
     for slot in vmm.virtio_slots:
-        if slot.transport is None:
-            continue
-        data = template.section(f"virtio:{slot.id}")
-        slot.restore(data)
+        if slot.section not in template.sections:
+            raise SnapshotError(f"template {tpl_dir} has no state for virtio slot {slot.index}")
+        slot.restore(template.section(slot.section))
     vmm.restored_from = template
     log.info("restored from template %s (%s)", tpl_dir, template.template_id)
     return vmm

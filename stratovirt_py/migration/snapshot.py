@@ -43,11 +43,7 @@ def collect_sections(vmm) -> Dict[str, Any]:
         "serial": (1, vmm.serial.save()),
     }
     for slot in vmm.virtio_slots:
-        if slot.transport is None:
-            continue
-        sections[f"virtio:{slot.id}"] = (VIRTIO_SECTION_VERSION, {
-            "driver": slot.driver, "slot": slot.index,
-            "transport": slot.transport.save(), "device": slot.device.save()})
+        sections[slot.section] = (VIRTIO_SECTION_VERSION, slot.save())
     return sections
 
 

@@ -41,6 +41,7 @@ class FakeTap:
         self.peer.settimeout(5)
         self.fd = a.fileno()
         self.ifname = name
+        self.netdev_id = "n-" + name
         self.vnet_hdr = vnet_hdr
         self.offloads_supported = offloads_supported
         self.offloads = 0
@@ -447,7 +448,8 @@ def test_drain_sends_queued_tx_and_stops_watching(rig):
     assert wait_until(lambda: rig.rx.used_idx() == 1)
 
 
-def test_state_roundtrip_and_restore_on_another_tap(mem, io):
+@pytest.mark.parametrize("device_first", [False, True])
+def test_state_roundtrip_and_restore_on_another_tap(mem, io, device_first):
     feats = bit(VIRTIO_F_VERSION_1) | bit(N.VIRTIO_NET_F_MRG_RXBUF) | bit(N.VIRTIO_NET_F_GUEST_CSUM)
     r = Rig(mem, io, features=feats)
     try:
@@ -470,8 +472,12 @@ def test_state_roundtrip_and_restore_on_another_tap(mem, io):
     other = FakeTap(name="othertap")
     c = Rig(mem, io, tap=other, init=False)
     try:
-        c.dev.restore(back)
-        c.t.restore(tst)
+        if device_first:
+            c.dev.restore(back)
+            c.t.restore(tst)
+        else:
+            c.t.restore(tst)           # the order of devices.setup.VirtioSlot.restore
+            c.dev.restore(back)
         assert c.dev.save() == back
         assert other.offloads == T.TUN_F_CSUM
         c.t.resume_after_restore()
@@ -598,6 +604,8 @@ def netns():
     _need_netns()
     name = f"svnu-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
+    subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True)
     yield name
     subprocess.run(["ip", "netns", "del", name])
 
@@ -689,3 +697,93 @@ def test_multi_queue_fds_use_the_first_queue(netns):
         finally:
             tap.close()
     in_netns(netns, body)
+
+
+# -- hot-replace --------------------------------------------------------------------------------
+def test_empty_slot_then_replace_backend(mem, io):
+    dev = N.Net.empty(id="slot4")
+    irq = M.CountingIrq()
+    t = M.MmioTransport(dev, mem, irq, iothread=io)
+    d = MmioDriver(t, mem)
+    taps = []
+    try:
+        f = d.device_features()
+        assert f & N.OFFLOAD_FEATURES and f & bit(N.VIRTIO_NET_F_STATUS)
+        assert t.read(M.CONFIG_SPACE, 8) == bytes(6) + b"\0\0"            # no MAC, link down
+        assert dev.save() == N.NetState(mac="", offloads=0, pending_rx=b"")
+        d.init(bit(VIRTIO_F_VERSION_1) | bit(N.VIRTIO_NET_F_STATUS))
+        rx, tx = d.queues
+        tx.add_chain([(bytes(HDR), False), (frame(b"nowhere"), False)])
+        d.kick(1)
+        assert wait_until(lambda: tx.used_idx() == 1)                      # dropped, link down
+        head, addrs = rx.add_chain([(2048, True)])
+        d.kick(0)
+        io.sync()
+        with pytest.raises(DeviceError, match="has no vnet header support"):
+            dev.replace_backend(N.Net(FakeTap(vnet_hdr=False), MAC, id="x"))
+        tap = FakeTap()
+        taps.append(tap)
+        gen = t.read(M.REG_CONFIG_GENERATION, 4)
+        dev.replace_backend(N.Net(tap, MAC, id="net1"))
+        assert t.read(M.CONFIG_SPACE, 8) == MAC + b"\x01\x00"
+        assert t.read(M.REG_CONFIG_GENERATION, 4) != gen
+        assert t.interrupt_status & M.INT_CONFIG_CHANGE
+        tap.peer.send(bytes(HDR) + frame(b"plugged"))
+        assert wait_until(lambda: rx.used_idx() == 1)
+        assert mem.read(addrs[0] + HDR + 14, 7) == b"plugged"
+        tx.add_chain([(bytes(HDR), False), (frame(b"out"), False)])
+        d.kick(1)
+        assert b"out" in tap.peer.recv(4096)
+        assert dev.save().mac == N.format_mac(MAC)
+        dev.replace_backend(None)                                          # device_del
+        assert tap.fd == -1 and dev._watching == 0
+        assert t.read(M.CONFIG_SPACE, 8) == bytes(8)
+    finally:
+        t.close()
+        for tp in taps:
+            tp.close_peer()
+
+
+def test_real_tap_frames_and_tap_removed(netns, mem, io):
+    """A real tap: frames both ways through the kernel, then the tap disappears under us."""
+    def setup():
+        tap = T.Tap.open("n0", "svtap9")
+        subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "svtap9", "up"], check=True)
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+        s.bind(("svtap9", 0x88B5))
+        return tap, s
+    tap, sock = in_netns(netns, setup)
+    sock.settimeout(5)
+    dev = N.Net(tap, MAC, id="net0")
+    t = M.MmioTransport(dev, mem, M.CountingIrq(), iothread=io)
+    d = MmioDriver(t, mem)
+    try:
+        d.init(bit(VIRTIO_F_VERSION_1))
+        rx, tx = d.queues
+        tx.add_chain([(bytes(HDR), False), (frame(b"to-host"), False)])
+        d.kick(1)
+        while True:
+            data, addr = sock.recvfrom(4096)
+            if addr[2] != 4:                       # not our own outgoing frames
+                break
+        assert data == frame(b"to-host")
+        head, addrs = rx.add_chain([(2048, True)])
+        d.kick(0)
+        sock.send(MAC + b"\x02" * 6 + b"\x88\xb5" + b"to-guest" + bytes(38))
+        assert wait_until(lambda: rx.used_idx() == 1)
+        assert mem.read(addrs[0] + HDR + 14, 8) == b"to-guest"
+        rx.add_chain([(2048, True)])
+        d.kick(0)
+        io.sync()
+        assert dev._watching
+        subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "del", "svtap9"], check=True)
+        # EPOLLERR on the detached fd: the device notices, stops watching, does not spin
+        assert wait_until(lambda: dev._tap_dead or dev._watching == 0)
+        tx.add_chain([(bytes(HDR), False), (frame(b"lost"), False)])
+        d.kick(1)
+        assert wait_until(lambda: tx.used_idx() == 2)
+        assert dev._watching == 0
+        assert not d.status & STATUS_DEVICE_NEEDS_RESET
+    finally:
+        t.close()
+        sock.close()

@@ -123,16 +123,17 @@ class Blk(VirtioDevice):
     NAME = "virtio-blk"
     QUEUE_SIZES = (QUEUE_SIZE,)
 
-    def __init__(self, path: str, readonly: bool = False, direct: bool = True,
+    def __init__(self, path: Optional[str], readonly: bool = False, direct: bool = True,
                  serial: Optional[str] = None, iops_total: Optional[int] = None,
                  aio: Optional[str] = None, id: Optional[str] = None):
+        """``path=None`` makes an empty drive (capacity 0) for a hot-replaceable slot."""
         super().__init__(id)
         if aio not in (None, "native", "io_uring", "threads", "off"):
             raise DeviceError(f"drive {path}: unknown aio mode {aio!r} "
                               f"(use native, io_uring, threads or off)")
         if iops_total is not None and iops_total <= 0:
             raise DeviceError(f"drive {path}: throttling.iops-total must be positive")
-        self.path = path
+        self.path = path or ""
         self.readonly = readonly
         self.direct = direct
         self.serial = serial or ""
@@ -140,16 +141,44 @@ class Blk(VirtioDevice):
         self._bucket = TokenBucket(iops_total) if iops_total else None
         self._throttle_pending = False
         self._bounce: Optional[mmap.mmap] = None
-        self.fd = self._open()
-        try:
-            self._lock_file()
-            self.size = self._file_size()
-            self.capacity = self.size // SECTOR_SIZE
-            self.align = self._probe_alignment() if direct else SECTOR_SIZE
-            self.can_punch = self._probe_punch_hole()
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd = -1
+        self.size = self.capacity = 0
+        self.align = SECTOR_SIZE
+        self.can_punch = False
+        if path:
+            self.fd = self._open()
+            try:
+                self._lock_file()
+                self.size = self._file_size()
+                self.capacity = self.size // SECTOR_SIZE
+                self.align = self._probe_alignment() if direct else SECTOR_SIZE
+                self.can_punch = self._probe_punch_hole()
+            except BaseException:
+                os.close(self.fd)
+                raise
+        # Features are fixed for the device's life: a backend replaced later cannot
+        # change what the driver negotiated (a read-only replacement refuses writes).
+        self._offer_ro = self.readonly
+        self._offer_discard = self.can_punch
+
+    def replace_backend(self, new: Optional["Blk"]) -> None:
+        """Hot-replace: take over ``new``'s open drive (or become empty with None)."""
+        old_fd = self.fd
+        if new is None:
+            self.path, self.fd, self.size, self.capacity, self.serial = "", -1, 0, 0, ""
+            self.readonly, self.align, self.can_punch, self._bucket = False, SECTOR_SIZE, False, None
+        else:
+            self.path, self.fd, self.size, self.capacity = new.path, new.fd, new.size, new.capacity
+            self.readonly, self.direct, self.serial, self.aio = new.readonly, new.direct, new.serial, new.aio
+            self.align, self.can_punch, self._bucket = new.align, new.can_punch, new._bucket
+            new.fd = -1     # ownership moved here
+            new.close()
+        if old_fd >= 0:
+            try:
+                os.fdatasync(old_fd)
+            except OSError as e:
+                log.warning("%s: flushing the replaced drive failed: %s", self.id, e.strerror)
+            os.close(old_fd)
 
     # -- opening the backend ------------------------------------------------------------
     def _open(self) -> int:
@@ -231,11 +260,11 @@ class Blk(VirtioDevice):
     def features(self) -> int:
         f = COMMON_FEATURES | bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE) | \
             bit(VIRTIO_BLK_F_FLUSH)
-        if self.readonly:
+        if self._offer_ro:
             f |= bit(VIRTIO_BLK_F_RO)
         else:
             f |= bit(VIRTIO_BLK_F_WRITE_ZEROES)
-            if self.can_punch:
+            if self._offer_discard:
                 f |= bit(VIRTIO_BLK_F_DISCARD)
         return f
 
@@ -320,6 +349,8 @@ class Blk(VirtioDevice):
             self._write(sector * SECTOR_SIZE, chain, nbytes)
             return VIRTIO_BLK_S_OK, 0
         if rtype == VIRTIO_BLK_T_FLUSH:
+            if self.fd < 0:
+                return VIRTIO_BLK_S_IOERR, 0
             if not self.readonly:
                 os.fdatasync(self.fd)
             return VIRTIO_BLK_S_OK, 0

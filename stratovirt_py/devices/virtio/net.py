@@ -28,6 +28,7 @@ never which tap: a restored clone may run on another tap or fd.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import re
@@ -135,16 +136,22 @@ class Net(VirtioDevice):
     NAME = "virtio-net"
     QUEUE_SIZES = (QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, tap: Tap, mac: bytes, id: Optional[str] = None):
+    def __init__(self, tap: Optional[Tap], mac: Optional[bytes], id: Optional[str] = None):
+        """``tap=None``: an empty hot-replaceable slot (no MAC, link down)."""
         super().__init__(id)
-        if len(mac) != 6:
+        if mac is not None and len(mac) != 6:
             raise DeviceError(f"{self.id}: a MAC address has 6 bytes")
         self.tap = tap
-        self.mac = bytes(mac)
-        self._config = self.mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, 1)
+        self.mac = bytes(mac) if mac is not None and tap is not None else None
+        # Features are fixed for the device's life: a backend plugged in later cannot change
+        # what the driver negotiated.  An empty slot offers offloads, as every tap the VMM
+        # opens itself has vnet headers.
+        self._offer_offloads = tap is None or (tap.vnet_hdr and tap.offloads_supported)
+        self._config = self._make_config()
         self._io = None
         self._watch_lock = threading.Lock()
         self._watching = 0              # epoll mask the tap fd is registered with (0: not)
+        self._watched_fd = -1
         self._want_rx = False
         self._tx_blocked = False
         self._tap_dead = False
@@ -157,9 +164,56 @@ class Net(VirtioDevice):
         self.rx_frames = self.tx_frames = 0
         self.rx_dropped = self.tx_dropped = 0
 
+    @classmethod
+    def empty(cls, id: Optional[str] = None) -> "Net":
+        """The device of an empty virtio-net slot, until ``replace_backend`` fills it."""
+        return cls(None, None, id=id)
+
     @property
     def mac_str(self) -> str:
-        return format_mac(self.mac)
+        """``aa:bb:cc:dd:ee:ff``, or "" for an empty slot."""
+        return format_mac(self.mac) if self.mac is not None else ""
+
+    def _make_config(self) -> bytes:
+        status = VIRTIO_NET_S_LINK_UP if self.tap is not None else 0
+        return (self.mac or bytes(6)) + struct.pack("<HH", status, 1)
+
+    def replace_backend(self, new: Optional["Net"]) -> None:
+        """Hot-replace: take over ``new``'s tap and MAC, or become empty (link down) with None.
+
+        The guest sees a configuration change (link status); frames held for the old tap
+        are dropped.
+        """
+        if new is not None and new.tap is not None and self._offer_offloads and \
+                not (new.tap.vnet_hdr and new.tap.offloads_supported):
+            raise DeviceError(f"netdev {new.tap.netdev_id}: tap {new.tap.ifname} has no vnet "
+                              f"header support, which the device in this slot needs")
+        lock = getattr(self.transport, "_lock", None)
+        with lock if lock is not None else contextlib.nullcontext():
+            self._want_rx = self._tx_blocked = False
+            self._update_watch()                 # forget the old fd
+            old = self.tap
+            self._pending = self._restored_pending = None
+            if new is None:
+                self.tap, self.mac = None, None
+            else:
+                self.tap, self.mac = new.tap, new.mac
+                new.tap = None
+                new.close()
+            self._tap_dead = False
+            self._config = self._make_config()
+            if self.queues:
+                acked = self.acked_features
+                self._guest_csum = bool(acked & bit(VIRTIO_NET_F_GUEST_CSUM)) and self._vnet_hdr
+                self._set_tap_offloads(guest_offloads(acked))
+            if old is not None:
+                old.close()
+        self.config_changed()
+        self.run_on_device(self._process_rx)     # start reading the new tap
+
+    @property
+    def _vnet_hdr(self) -> bool:
+        return self.tap is not None and self.tap.vnet_hdr
 
     # -- what the transport asks -----------------------------------------------------------
     def attach(self, iothread) -> None:
@@ -168,7 +222,7 @@ class Net(VirtioDevice):
     def features(self) -> int:
         f = COMMON_FEATURES | bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_STATUS) | \
             bit(VIRTIO_NET_F_MRG_RXBUF)
-        if self.tap.vnet_hdr and self.tap.offloads_supported:
+        if self._offer_offloads:
             f |= OFFLOAD_FEATURES
         return f
 
@@ -180,8 +234,8 @@ class Net(VirtioDevice):
         super().activate(queues)
         acked = self.acked_features
         self._mrg = bool(acked & bit(VIRTIO_NET_F_MRG_RXBUF))
-        self._guest_csum = bool(acked & bit(VIRTIO_NET_F_GUEST_CSUM)) and self.tap.vnet_hdr
-        self._set_tap_offloads(guest_offloads(acked) if self.tap.vnet_hdr else 0)
+        self._guest_csum = bool(acked & bit(VIRTIO_NET_F_GUEST_CSUM)) and self._vnet_hdr
+        self._set_tap_offloads(guest_offloads(acked))
         if self._restored_pending is not None:
             self._pending, self._restored_pending = self._restored_pending, None
 
@@ -192,11 +246,11 @@ class Net(VirtioDevice):
         self._tx_blocked = False
         self._mrg = self._guest_csum = False
         self._update_watch()
-        if self.tap.vnet_hdr and self.tap.offloads:
+        if self._vnet_hdr and self.tap.offloads:
             self._set_tap_offloads(0)
 
     def _set_tap_offloads(self, flags: int) -> None:
-        if not self.tap.vnet_hdr or flags == self.tap.offloads:
+        if not self._vnet_hdr or flags == self.tap.offloads:
             return
         try:
             self.tap.set_offload(flags)
@@ -214,7 +268,8 @@ class Net(VirtioDevice):
     # -- watching the tap fd (I/O thread) --------------------------------------------------------
     def _update_watch(self) -> None:
         want = 0
-        if self._io is not None and self.tap.fd >= 0 and not self._tap_dead:
+        if self._io is not None and self.tap is not None and self.tap.fd >= 0 \
+                and not self._tap_dead:
             if self._want_rx:
                 want |= select.EPOLLIN
             if self._tx_blocked:
@@ -224,8 +279,10 @@ class Net(VirtioDevice):
                 return
             if want:
                 self._io.register(self.tap.fd, self._on_tap_event, want)
-            elif self._io is not None:
-                self._io.unregister(self.tap.fd)
+                self._watched_fd = self.tap.fd
+            else:
+                self._io.unregister(self._watched_fd)
+                self._watched_fd = -1
             self._watching = want
 
     def _on_tap_event(self) -> None:
@@ -265,7 +322,7 @@ class Net(VirtioDevice):
         q = self.queues[RX_QUEUE]
         used = 0
         try:
-            if not q.ready or self._tap_dead:
+            if not q.ready or self._tap_dead or self.tap is None:
                 self._want_rx = False
                 return
             frames = 0
@@ -310,7 +367,7 @@ class Net(VirtioDevice):
         if cap < HDR_LEN:
             raise QueueError(f"virtio-net receive buffer of {cap} bytes is smaller than the "
                              f"{HDR_LEN}-byte header")
-        skip = 0 if self.tap.vnet_hdr else HDR_LEN
+        skip = 0 if self._vnet_hdr else HDR_LEN
         views = chain.writable_views(skip) if len(chain.writable) < IOV_MAX else []
         in_chain = (cap - skip) if views else 0
         try:
@@ -403,7 +460,7 @@ class Net(VirtioDevice):
         q = self.queues[TX_QUEUE]
         if not q.ready:
             return
-        skip = 0 if self.tap.vnet_hdr else HDR_LEN
+        skip = 0 if self._vnet_hdr else HDR_LEN
         sent = 0
         try:
             while True:
@@ -428,6 +485,9 @@ class Net(VirtioDevice):
     def _send(self, chain: DescriptorChain, skip: int) -> bool:
         """Write one frame to the tap; False if the tap cannot take it now."""
         length = chain.readable_len
+        if self.tap is None:
+            self.tx_dropped += 1          # no backend: the link is down
+            return True
         if length <= HDR_LEN or self._tap_dead:
             self._drop_tx(f"a transmit buffer of {length} bytes has no frame after the header"
                           if not self._tap_dead else "the tap is gone")
@@ -466,7 +526,8 @@ class Net(VirtioDevice):
                     self._process_tx(batch=1 << 30)
                     if not self._tx_blocked:
                         break
-                    select.select([], [self.tap.fd], [], 0.05)
+                    if self.tap is not None:
+                        select.select([], [self.tap.fd], [], 0.05)
         except QueueError as e:
             log.error("%s: transmit queue during drain: %s", self.id, e)
         finally:
@@ -475,7 +536,7 @@ class Net(VirtioDevice):
 
     def save(self) -> NetState:
         pending = self._pending if self._pending is not None else self._restored_pending
-        offloads = guest_offloads(self.acked_features) if self.tap.vnet_hdr else 0
+        offloads = guest_offloads(self.acked_features) if self._vnet_hdr else 0
         return NetState(mac=self.mac_str, offloads=offloads, pending_rx=bytes(pending or b""))
 
     def restore(self, state: NetState) -> None:
@@ -485,19 +546,25 @@ class Net(VirtioDevice):
         if not isinstance(state.offloads, int) or state.offloads < 0:
             raise SnapshotError(f"virtio-net '{self.id}': invalid offloads {state.offloads!r} "
                                 f"in the template")
-        if state.offloads and not (self.tap.vnet_hdr and self.tap.offloads_supported):
+        if state.offloads and self.tap is not None and \
+                not (self.tap.vnet_hdr and self.tap.offloads_supported):
             raise SnapshotError(f"virtio-net '{self.id}': the template's guest uses checksum/TSO "
                                 f"offloads, but tap {self.tap.ifname} has no vnet header support")
         pending = state.pending_rx
         if not isinstance(pending, (bytes, bytearray)) or \
                 (pending and not HDR_LEN < len(pending) <= MAX_FRAME + HDR_LEN):
             raise SnapshotError(f"virtio-net '{self.id}': the template's pending frame is invalid")
-        self._restored_pending = bytes(pending) if pending else None
+        pending = bytes(pending) if pending else None
+        if self.queues:          # the transport was restored (and activated us) first
+            self._pending = pending
+        else:                    # activate() adopts it
+            self._restored_pending = pending
 
     def close(self) -> None:
         self._want_rx = self._tx_blocked = False
         self._update_watch()
-        self.tap.close()
+        if self.tap is not None:
+            self.tap.close()
 
 
 _fence_lock = threading.Lock()

@@ -1,0 +1,150 @@
+"""Hot-replace on microvm: QMP's blockdev-add / netdev_add / device_add / device_del.
+
+Devices sit in fixed, replaceable virtio-mmio slots (``devices.setup``): a backend
+is registered first (``blockdev-add`` / ``netdev_add``), then ``device_add`` plugs
+it into an empty slot of its type (``addr`` counts within the type, as StratoVirt
+and Kata count it), and ``device_del`` empties the slot again and announces
+``DEVICE_DELETED``.  The guest sees a configuration change of a device that was
+there all along (a drive's capacity goes from 0 to the file's size and back).
+The VM configuration follows, so a snapshot taken afterwards describes the devices
+as they are now.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Dict, Optional
+
+from ..config import DeviceConfig, DriveConfig, NetdevConfig
+from ..errors import ConfigError, DeviceError, VmmError
+from .setup import REPLACEABLE
+
+log = logging.getLogger(__name__)
+
+DRIVERS = {"virtio-blk-mmio": "virtio-blk-device", "virtio-blk-device": "virtio-blk-device",
+           "virtio-net-mmio": "virtio-net-device", "virtio-net-device": "virtio-net-device"}
+
+
+def _slot_number(addr: Optional[str], driver: str, count: int) -> Optional[int]:
+    if addr is None:
+        return None
+    try:
+        n = int(addr, 0)
+    except ValueError:
+        raise ConfigError(f"device_add: invalid addr '{addr}' (a slot number such as 0x1)") from None
+    if not 0 <= n < count:
+        kind = "block" if "blk" in driver else "net"
+        raise ConfigError(f"device_add: addr {addr} is out of range: the microvm has {count} "
+                          f"replaceable {kind} slots (0..{count - 1})")
+    return n
+
+
+class Hotplug:
+    def __init__(self, vmm) -> None:
+        self.vmm = vmm
+        self._lock = threading.Lock()
+
+    # -- backends -------------------------------------------------------------------------
+    def blockdev_add(self, args: Dict[str, Any]) -> None:
+        node = args["node-name"]
+        cfg = self.vmm.cfg
+        if node in cfg.drives:
+            raise ConfigError(f"blockdev-add: node-name '{node}' is already in use")
+        fmt = args.get("driver", "raw")
+        if fmt not in ("raw", "file"):
+            raise ConfigError(f"blockdev-add: driver '{fmt}' is not supported (only raw)")
+        f = args["file"]
+        if f.get("driver", "file") != "file" or not f.get("filename"):
+            raise ConfigError("blockdev-add: 'file' needs driver 'file' and a filename")
+        direct = (args.get("cache") or {}).get("direct", True)
+        with self._lock:
+            cfg.drives[node] = DriveConfig(id=node, file=f["filename"],
+                                           readonly=bool(args.get("read-only", False)),
+                                           direct=bool(direct), aio=f.get("aio"),
+                                           iops_total=args.get("throttling.iops-total"))
+
+    def netdev_add(self, args: Dict[str, Any]) -> None:
+        nid = args["id"]
+        cfg = self.vmm.cfg
+        if nid in cfg.netdevs:
+            raise ConfigError(f"netdev_add: id '{nid}' is already in use")
+        if args.get("vhost"):
+            raise DeviceError("netdev_add: vhost-net is not supported by this VMM")
+        fds = []
+        for name in (args.get("fds") or args.get("fd") or "").split(":"):
+            if not name:
+                continue
+            if name in self.vmm.fds:
+                fds.append(self.vmm.fds.pop(name))
+            elif name.isdigit():
+                fds.append(int(name))
+            else:
+                raise ConfigError(f"netdev_add: no file descriptor named '{name}' (send it with getfd)")
+        if not fds and not args.get("ifname"):
+            raise ConfigError("netdev_add: give 'ifname' or 'fd'")
+        with self._lock:
+            cfg.netdevs[nid] = NetdevConfig(id=nid, ifname=args.get("ifname"), fds=fds)
+
+    # -- devices ----------------------------------------------------------------------------
+    def device_add(self, args: Dict[str, Any]) -> None:
+        vmm, cfg = self.vmm, self.vmm.cfg
+        dev_id, qdriver = args["id"], args["driver"]
+        driver = DRIVERS.get(qdriver)
+        if driver is None:
+            raise ConfigError(f"device_add: driver '{qdriver}' cannot be hot-plugged on microvm "
+                              "(virtio-blk-mmio or virtio-net-mmio)")
+        if any(d.id == dev_id for d in cfg.devices):
+            raise ConfigError(f"device_add: device id '{dev_id}' is already in use")
+        first, count = REPLACEABLE[driver]
+        want = _slot_number(args.get("addr"), driver, count)
+        ref_key = "drive" if driver == "virtio-blk-device" else "netdev"
+        ref = args.get(ref_key)
+        table = cfg.drives if ref_key == "drive" else cfg.netdevs
+        if not ref or ref not in table:
+            raise ConfigError(f"device_add: {ref_key} '{ref}' is not defined "
+                              f"(add it with {'blockdev-add' if ref_key == 'drive' else 'netdev_add'})")
+        props = {ref_key: ref}
+        for key in ("serial", "mac"):
+            if key in args:
+                props[key] = args[key]
+        with self._lock:
+            slots = {s.index: s for s in vmm.virtio_slots}
+            if want is not None:
+                slot = slots.get(first + want)
+                if slot is None:
+                    raise DeviceError(f"device_add: slot {want} has no device to replace")
+                if slot.id is not None:
+                    raise DeviceError(f"The slot {want} is occupied already.")
+            else:
+                free = [slots[i] for i in range(first, first + count) if i in slots and slots[i].id is None]
+                if not free:
+                    raise DeviceError(f"device_add: every replaceable {driver} slot is in use")
+                slot = free[0]
+            dev = DeviceConfig(driver=driver, id=dev_id, props=props, slot=slot.index)
+            from .setup import create_device
+            backend = create_device(cfg, dev)
+            self._replace(slot, backend)
+            slot.id = dev_id
+            cfg.devices.append(dev)
+        log.info("device %s plugged into virtio slot %d", dev_id, slot.index)
+
+    def device_del(self, dev_id: str) -> None:
+        vmm, cfg = self.vmm, self.vmm.cfg
+        with self._lock:
+            slot = next((s for s in vmm.virtio_slots if s.id == dev_id), None)
+            if slot is None:
+                if any(d.id == dev_id for d in cfg.devices):
+                    raise DeviceError(f"device '{dev_id}' cannot be removed (only virtio-blk and "
+                                      "virtio-net devices are replaceable on microvm)")
+                raise VmmError(f"Failed to detach device: id {dev_id} not found")
+            self._replace(slot, None)
+            slot.id = None
+            cfg.devices[:] = [d for d in cfg.devices if d.id != dev_id]
+        vmm.events.emit("DEVICE_DELETED", {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"})
+
+    def _replace(self, slot, backend) -> None:
+        """Swap the slot device's backend under the transport lock, then tell the guest."""
+        with slot.transport._lock:
+            slot.device.replace_backend(backend)
+        slot.transport.config_changed()
