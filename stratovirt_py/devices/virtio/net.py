@@ -368,7 +368,14 @@ class Net(VirtioDevice):
             raise QueueError(f"virtio-net receive buffer of {cap} bytes is smaller than the "
                              f"{HDR_LEN}-byte header")
         skip = 0 if self._vnet_hdr else HDR_LEN
-        views = chain.writable_views(skip) if len(chain.writable) < IOV_MAX else []
+        segs = chain.writable
+        if len(segs) >= IOV_MAX:
+            views = []
+        elif skip:
+            views = chain.writable_views(skip)
+        else:
+            view = chain.mem.view
+            views = [view(a, n) for a, n in segs]
         in_chain = (cap - skip) if views else 0
         try:
             n = self.tap.readv(views + [self._bounce_view])
@@ -442,6 +449,13 @@ class Net(VirtioDevice):
         return len(chains)
 
     def _finish_header(self, chain: DescriptorChain, num_buffers: int) -> None:
+        addr, n = chain.writable[0]
+        if n >= HDR_LEN:          # the usual case: the header is in the first buffer
+            if self._guest_csum:
+                chain.mem.write(addr + HDR_LEN - 2, _U16.pack(num_buffers))
+            else:
+                chain.mem.write(addr, _ZERO_HDR + _U16.pack(num_buffers))
+            return
         if self._guest_csum:
             chain.write(HDR_LEN - 2, _U16.pack(num_buffers))
         else:
