@@ -62,15 +62,11 @@ import functools
 import hashlib
 import json
 import os
-import platform
-import secrets
-import shutil
 import stat
 import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from .. import __version__
@@ -101,10 +97,16 @@ TMP_PREFIX = ".tmp-"
 ProgressFn = Callable[[str, int, int], None]
 
 
+def _utc_iso(seconds: float) -> str:
+    """ISO 8601 UTC time, without importing datetime on the restore path."""
+    t = time.gmtime(seconds)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", t) + f".{int(seconds % 1 * 1e6):06d}Z"
+
+
 # -- host facts --------------------------------------------------------------------
 
 def host_arch() -> str:
-    return platform.machine()
+    return os.uname().machine
 
 
 @functools.lru_cache(maxsize=1)
@@ -257,6 +259,7 @@ def _symlink_replace(target: str, link: str, tmp: str) -> None:
 def _remove(path: str) -> None:
     try:
         if os.path.isdir(path) and not os.path.islink(path):
+            import shutil  # writers only: the restore path never removes anything
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.unlink(path)
@@ -328,7 +331,7 @@ def write_template(dir: str, header_info: Mapping[str, Any], sections: Mapping[s
             raise SnapshotError(f"another snapshot is being written to {dir}") from None
         _cleanup_stale(dir, _current_generation(dir))
 
-        template_id = secrets.token_hex(8)
+        template_id = os.urandom(8).hex()
         gen_name = GEN_PREFIX + template_id
         gen = os.path.join(dir, gen_name)
         tmp_link = os.path.join(dir, TMP_PREFIX + template_id)
@@ -355,8 +358,7 @@ def write_template(dir: str, header_info: Mapping[str, Any], sections: Mapping[s
                 "kvm_api_version": kvm_api,
                 "vmm": "stratovirt-py",
                 "vmm_version": vmm_version,
-                "created": datetime.fromtimestamp(now / 1e9, timezone.utc)
-                .isoformat(timespec="microseconds").replace("+00:00", "Z"),
+                "created": _utc_iso(now / 1e9),
                 "created_ns": now,
                 "template_id": template_id,
                 "memory": {
