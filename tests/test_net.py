@@ -193,27 +193,39 @@ def test_frames_both_ways_on_a_named_tap(kvm, netns, guest_elf, tmp_path):
         wire.close()
 
 
-def test_inherited_fd_and_default_mac(kvm, netns, guest_elf, tmp_path):
+@pytest.mark.parametrize("queues", [1, 2])
+def test_inherited_fds_and_default_mac(kvm, netns, guest_elf, tmp_path, queues):
+    """``fd=N``, and Kata's ``fds=N:M`` (a multi-queue tap: the VMM uses one queue)."""
     import fcntl
     from stratovirt_py.devices import tap as T
+    flags = T.IFF_TAP | T.IFF_NO_PI | T.IFF_VNET_HDR | (T.IFF_MULTI_QUEUE if queues > 1 else 0)
+    name = "svmq0" if queues > 1 else "svtap1"
 
     def open_tap():
-        fd = os.open("/dev/net/tun", os.O_RDWR)
-        fcntl.ioctl(fd, T.TUNSETIFF, T._ifreq("svtap1", T.IFF_TAP | T.IFF_NO_PI | T.IFF_VNET_HDR))
-        return fd
-    fd = in_netns(netns, open_tap)
-    wire = Wire(netns, "svtap1")
+        fds = []
+        for _ in range(queues):
+            fd = os.open("/dev/net/tun", os.O_RDWR)
+            fcntl.ioctl(fd, T.TUNSETIFF, T._ifreq(name, flags))
+            fds.append(fd)
+        _ip("ip", "link", "set", name, "up", ns=netns)
+        return fds
+    fds = in_netns(netns, open_tap)
+    wire = Wire(netns, name)
     mac = format_mac(default_mac("net0"))
+    opt = f"fd={fds[0]}" if queues == 1 else "fds=" + ":".join(map(str, fds))
     try:
-        # the VMM itself runs outside the namespace: the fd is all it needs
-        with NetVm(vm_args(guest_elf, f"fd={fd}", mac=None), tmp_path, pass_fds=[fd]) as vm:
-            os.close(fd)
-            fd = -1
+        # the VMM itself runs outside the namespace: the fds are all it needs
+        with NetVm(vm_args(guest_elf, opt, mac=None), tmp_path, pass_fds=fds) as vm:
+            for fd in fds:
+                os.close(fd)
+            fds = []
             expect_ping(vm, wire, mac)
             ping_pong(vm, wire, mac, b"VIA-AN-FD")
             quit_vm(vm)
+            if queues > 1:
+                assert "multiqueue is not supported" in vm.stderr
     finally:
-        if fd >= 0:
+        for fd in fds:
             os.close(fd)
         wire.close()
 

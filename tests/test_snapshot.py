@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -233,6 +234,32 @@ def test_damaged_template_refused(kvm, template, guest_elf, tmp_path, damage, fr
     err = r.stderr.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert fragment in err, err
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("arch", "created on aarch64; this host is"),
+    ("format", "format version 2, newer than"),
+    ("section", "section 'vcpus' has version 99, newer than"),
+])
+def test_foreign_or_newer_template_refused(kvm, template, guest_elf, tmp_path, change, fragment):
+    sys.path.insert(0, str(Path(__file__).parent / "migration"))
+    from tplhelpers import rewrite_state
+    tpl, _ = template
+    bad = _copy(tpl, tmp_path / "bad")
+
+    def mutate(header):
+        if change == "arch":
+            header["arch"] = "aarch64"
+        elif change == "section":
+            for sec in header["sections"]:
+                if sec["name"] == "vcpus":
+                    sec["version"] = 99
+    rewrite_state(bad, mutate_header=mutate, version=2 if change == "format" else None)
+    r = run_cli(hb_args(guest_elf) + ["-incoming", f"file:{bad}",
+                                      "-qmp", f"unix:{tmp_path}/s,server,nowait"])
+    assert r.returncode == 1
+    err = r.stderr.strip()
+    assert fragment in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
 
 
 def test_unsupported_feature_refused_and_vm_unchanged(kvm, guest_elf, tmp_path):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tplhelpers import MiB, memory_bytes
+from tplhelpers import MiB, memory_bytes, rewrite_state
 from stratovirt_py.errors import SnapshotError
 from stratovirt_py.memory import GuestMemory
 from stratovirt_py.migration import format as fmt
@@ -213,23 +213,6 @@ def flip(path, offset):
         b = f.read(1)
         f.seek(offset)
         f.write(bytes([b[0] ^ 0x40]))
-
-
-def rewrite_state(d, mutate_header=None, version=None):
-    """Rewrite the state like a (newer) writer would: new fields, valid checksum."""
-    path = os.path.realpath(d / "state")
-    blob = open(path, "rb").read()
-    magic, ver, hlen, total, res = fmt.PREAMBLE.unpack_from(blob)
-    header = __import__("json").loads(blob[fmt.PREAMBLE.size:fmt.PREAMBLE.size + hlen])
-    data = blob[fmt.PREAMBLE.size + hlen:total - 32]
-    if mutate_header:
-        mutate_header(header)
-    hj = __import__("json").dumps(header).encode()
-    new_total = fmt.PREAMBLE.size + len(hj) + len(data) + 32
-    out = fmt.PREAMBLE.pack(magic, version or ver, len(hj), new_total, res) + hj + data
-    out += hashlib.sha256(out).digest()
-    with open(path, "wb") as f:
-        f.write(out)
 
 
 def test_missing_directory(tmp_path):

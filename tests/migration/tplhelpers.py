@@ -1,8 +1,12 @@
 """Helpers shared by the template-format tests (a unique name: tests/*/ have no __init__.py)."""
 
+import hashlib
+import json
+import os
 import random
 
 from stratovirt_py.memory import GuestMemory
+from stratovirt_py.migration import format as fmt
 
 MiB = 1 << 20
 
@@ -22,3 +26,20 @@ def fill(mem: GuestMemory, seed: int) -> None:
 
 def memory_bytes(mem: GuestMemory) -> bytes:
     return b"".join(bytes(r.mm) for r in mem.regions)
+
+
+def rewrite_state(d, mutate_header=None, version=None):
+    """Rewrite the state like a (newer) writer would: new fields, valid checksum."""
+    path = os.path.realpath(d / "state")
+    blob = open(path, "rb").read()
+    magic, ver, hlen, total, res = fmt.PREAMBLE.unpack_from(blob)
+    header = json.loads(blob[fmt.PREAMBLE.size:fmt.PREAMBLE.size + hlen])
+    data = blob[fmt.PREAMBLE.size + hlen:total - 32]
+    if mutate_header:
+        mutate_header(header)
+    hj = json.dumps(header).encode()
+    new_total = fmt.PREAMBLE.size + len(hj) + len(data) + 32
+    out = fmt.PREAMBLE.pack(magic, version or ver, len(hj), new_total, res) + hj + data
+    out += hashlib.sha256(out).digest()
+    with open(path, "wb") as f:
+        f.write(out)
