@@ -112,6 +112,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .guest.build import build_guest
     kernel = str(build_guest("elf"))
     work = opts.dir or tempfile.mkdtemp(prefix="stratovirt-demo-")
+    os.makedirs(work, exist_ok=True)
     template = os.path.join(work, "template")
     common = ["-machine", "microvm", "-m", str(opts.mem), "-kernel", kernel,
               "-append", "console=ttyS0 sv.hb=20"]
@@ -164,4 +165,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except RuntimeError as e:
+        print(f"demo: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -190,3 +190,61 @@ def test_daemonize_reports_startup_errors(kvm, tmp_path):
                  "-qmp", f"unix:{tmp_path}/d.sock,server,nowait"])
     assert r.returncode == 1
     assert "kernel file" in r.stderr and "does not exist" in r.stderr
+
+
+def test_initrd_is_loaded_and_announced(kvm, guest_elf, tmp_path):
+    initrd = tmp_path / "initrd.img"
+    payload = b"INITRD-PAYLOAD-0123456789" * 1000
+    initrd.write_bytes(payload)
+    with VmProcess(["-m", "128", "-kernel", str(guest_elf), "-initrd", str(initrd),
+                    "-append", "sv.hbmax=1"], tmp_path) as vm:
+        m = vm.wait_for(r"^initrd: addr (0x[0-9a-f]+) size (\d+) first ([0-9a-f]+)$")
+        assert vm.wait() == 0
+    addr, size, first = int(m.group(1), 16), int(m.group(2)), bytes.fromhex(m.group(3))
+    assert size == len(payload) and first == payload[:16]
+    assert addr % 4096 == 0 and addr + size <= 128 << 20        # page-aligned, at the top of RAM
+
+
+def test_missing_initrd(kvm, guest_elf, tmp_path):
+    r = run_cli(["-kernel", str(guest_elf), "-initrd", str(tmp_path / "none"),
+                 "-qmp", f"unix:{tmp_path}/s,server,nowait"])
+    assert r.returncode == 1 and "initrd file" in r.stderr and "does not exist" in r.stderr
+
+
+def test_serial_socket(kvm, guest_elf, tmp_path):
+    import socket as sk
+    path = tmp_path / "serial.sock"
+    with VmProcess(["-S", "-kernel", str(guest_elf), "-append", "sv.hbmax=1",
+                    "-serial", f"socket,path={path},server,nowait"], tmp_path, serial=False) as vm:
+        q = vm.qmp()
+        c = sk.socket(sk.AF_UNIX)
+        c.connect(str(path))
+        q.cmd("cont")
+        c.settimeout(20)
+        got = b""
+        while b"heartbeat 1\n" not in got:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        assert got.startswith(b"SVGUEST v1 booted\n") and b"heartbeat 1\n" in got
+        assert vm.wait() == 0
+
+
+def test_serial_pty(kvm, guest_elf, tmp_path):
+    with VmProcess(["-S", "-kernel", str(guest_elf), "-append", "sv.hbmax=1", "-serial", "pty"],
+                   tmp_path, serial=False) as vm:
+        q = vm.qmp()
+        deadline = time.time() + 10
+        while "/dev/pts/" not in vm.stderr and time.time() < deadline:
+            time.sleep(0.02)
+        pts = re.search(r"(/dev/pts/\d+)", vm.stderr).group(1)
+        fd = os.open(pts, os.O_RDONLY | os.O_NOCTTY)
+        try:
+            q.cmd("cont")
+            got = b""
+            while b"heartbeat 1" not in got and time.time() < deadline + 20:
+                got += os.read(fd, 4096)
+            assert b"SVGUEST v1 booted" in got
+        finally:
+            os.close(fd)

@@ -25,6 +25,20 @@ static void copy_cmdline(u32 kind, u64 ptr)
     cmdline[i] = 0;
 }
 
+/* The initrd the loader announced in boot_params (Linux protocol only). */
+static void report_initrd(u32 kind, u64 ptr)
+{
+    if (kind == BOOT_PVH)
+        return;
+    u64 addr = *(volatile u32 *)(ptr + 0x218) | (u64)*(volatile u32 *)(ptr + 0x0c0) << 32;
+    u64 size = *(volatile u32 *)(ptr + 0x21c) | (u64)*(volatile u32 *)(ptr + 0x0c4) << 32;
+    if (!size)
+        return;
+    char hex[33];
+    hexdump_str(hex, (const void *)addr, size < 16 ? size : 16);
+    kprintf("initrd: addr 0x%lx size %lu first %s\n", addr, size, hex);
+}
+
 static u64 param_u64(const char *key, u64 dflt)
 {
     const char *v = cmdline_param(key);
@@ -70,6 +84,7 @@ __attribute__((noreturn)) void guest_main(u32 kind, u64 ptr)
     serial_write("\n", 1);
     serial_unlock();
     kprintf("hb-addr: 0x%lx\n", (u64)&hb_counter);
+    report_initrd(kind, ptr);
     tsc_calibrate();
 
     if (cmdline_param("sv.reset"))
