@@ -6,7 +6,7 @@ import logging
 import os
 import signal
 import sys
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 from .errors import VmmError
 
@@ -58,7 +58,7 @@ def _daemonize() -> int:
     return wfd
 
 
-def run(argv: List[str]) -> int:
+def run(argv: List[str], on_started: Optional[Callable] = None) -> int:
     from .cmdline import USAGE, VERSION_TEXT, parse_args
     cfg, show = parse_args(argv)
     if show == "help":
@@ -72,7 +72,7 @@ def run(argv: List[str]) -> int:
     if cfg.daemonize:
         ready_fd = _daemonize()
     try:
-        code = _run_vm(cfg, ready_fd)
+        code = _run_vm(cfg, ready_fd, on_started)
     except VmmError as e:
         if ready_fd is not None:
             os.write(ready_fd, f"stratovirt: {e}\n".encode())
@@ -80,7 +80,7 @@ def run(argv: List[str]) -> int:
     return code
 
 
-def _run_vm(cfg, ready_fd: Optional[int]) -> int:
+def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None) -> int:
     from .qmp.events import EventBus
     from .vcpu_thread import install_kick_handler
     install_kick_handler()
@@ -117,6 +117,8 @@ def _run_vm(cfg, ready_fd: Optional[int]) -> int:
         raise
     vmm.cleanups.append(server.close)
     log.info("VM %s started (%d vCPUs, %d MiB)", cfg.name or "", cfg.nr_cpus, cfg.mem_size >> 20)
+    if on_started is not None:
+        on_started(vmm)
     if ready_fd is not None:
         os.write(ready_fd, b"OK")
         os.close(ready_fd)
@@ -128,10 +130,12 @@ def _run_vm(cfg, ready_fd: Optional[int]) -> int:
     return code
 
 
-def main(argv: Optional[List[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None, on_started: Optional[Callable] = None,
+         exit: bool = True) -> int:
+    """Run the VM; exit the process with its status (or return it, for the pool)."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        code = run(args)
+        code = run(args, on_started)
     except VmmError as e:
         sys.stderr.write(f"stratovirt: {e}\n")
         code = 1
@@ -143,6 +147,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
+    if not exit:
+        return code
     # vCPU threads may sit in KVM_RUN; leave without waiting for them.
     os._exit(code)
 

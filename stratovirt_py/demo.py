@@ -2,8 +2,9 @@
 
 1. cold-boot the demo guest and time it (process start -> banner -> first heartbeat);
 2. snapshot it as a template (``stop`` + ``migrate file:DIR``) and time that;
-3. warm-start N clones from the template, concurrently, and time each from process
-   start to the guest running again (its next heartbeat, which continues the count);
+3. warm-start N clones from the template, one after another, and time each from process
+   start to the guest running again (its next heartbeat, which continues the count) —
+   first each as its own Python process, then forked from a warm ``stratovirt-pool``;
 4. print the figures side by side.
 
 ``python -m stratovirt_py.demo [--clones N] [--mem MiB] [--dir DIR]``
@@ -29,7 +30,7 @@ HEARTBEAT = re.compile(rb"heartbeat (\d+)\n")
 
 
 class Vm:
-    def __init__(self, args: List[str], qmp_path: str):
+    def __init__(self, args: List[str], qmp_path: str, env: Optional[dict] = None):
         self.qmp_path = qmp_path
         exe = os.path.join(os.path.dirname(sys.executable), "stratovirt")
         cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "stratovirt_py"]
@@ -37,7 +38,7 @@ class Vm:
         self.proc = subprocess.Popen(cmd + args + ["-qmp", f"unix:{qmp_path},server,nowait",
                                                    "-serial", "stdio"],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, env=env)
         self.out = b""
         self.marks = {}
         self._cond = threading.Condition()
@@ -115,7 +116,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.makedirs(work, exist_ok=True)
     template = os.path.join(work, "template")
     common = ["-machine", "microvm", "-m", str(opts.mem), "-kernel", kernel,
-              "-append", "console=ttyS0 sv.hb=20"]
+              "-append", "console=ttyS0 sv.hb=5"]
     print(f"demo guest: {kernel}\ntemplate:   {template}\n")
 
     vm = Vm(common, os.path.join(work, "boot.sock"))
@@ -144,21 +145,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"snapshot:   {snap_ms:7.1f} ms (stop + migrate until query-migrate says completed), "
           f"guest at heartbeat {at_snapshot}")
 
-    clones = [Vm(common + ["-incoming", f"file:{template}"], os.path.join(work, f"clone{i}.sock"))
-              for i in range(opts.clones)]
-    times = []
+    results = {}
+    pool_sock = os.path.join(work, "pool.sock")
+    pool = subprocess.Popen([sys.executable, "-m", "stratovirt_py.pool", "--socket", pool_sock],
+                            stdout=subprocess.PIPE, text=True)
     try:
-        for i, c in enumerate(clones):
-            ms = c.wait_mark("heartbeat")
-            first = c.heartbeats()[0]
-            times.append(ms)
-            print(f"clone {i}:    {ms:7.1f} ms to the guest's next heartbeat ({first}, "
-                  f"continuing from {at_snapshot})")
+        pool.stdout.readline()
+        for mode, env in (("process", None), ("pool", dict(os.environ, STRATOVIRT_POOL=pool_sock))):
+            times = []
+            for i in range(opts.clones):
+                c = Vm(common + ["-incoming", f"file:{template}"],
+                       os.path.join(work, f"{mode}{i}.sock"), env)
+                try:
+                    ms = c.wait_mark("heartbeat")
+                    first = c.heartbeats()[0]
+                finally:
+                    c.kill()
+                times.append(ms)
+                print(f"clone {i} ({mode}): {ms:7.1f} ms to the guest's next heartbeat ({first}, "
+                      f"continuing from {at_snapshot})")
+            results[mode] = statistics.median(times)
     finally:
-        for c in clones:
-            c.kill()
-    print(f"\nwarm start: median {statistics.median(times):.1f} ms for {len(times)} clones "
-          f"vs cold boot {first_hb:.1f} ms to the first heartbeat")
+        pool.terminate()
+        pool.wait()
+    print(f"\nwarm start, median of {opts.clones} clones: {results['process']:.1f} ms as a new "
+          f"process, {results['pool']:.1f} ms from stratovirt-pool")
+    print(f"cold boot to the first heartbeat:            {first_hb:.1f} ms")
     if not opts.dir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -11,6 +11,16 @@ from .ioctls import ffi, ioctl, lib
 
 KVM_PATH = "/dev/kvm"
 
+# Host facts that never change while the host runs, read once by a warm pool.
+_HOST_FACTS: dict = {}
+
+
+def warm_host_facts() -> None:
+    kvm = Kvm()
+    _HOST_FACTS["cpuid"] = kvm.get_supported_cpuid()
+    _HOST_FACTS["msrs"] = kvm.get_msr_index_list()
+    kvm.close()
+
 
 class Kvm:
     def __init__(self, path: str = ""):
@@ -48,7 +58,9 @@ class Kvm:
         return self._mmap_size
 
     def get_supported_cpuid(self) -> "ffi.CData":
-        """``struct kvm_cpuid2 *`` with every leaf KVM can expose."""
+        """``struct kvm_cpuid2 *`` with every leaf KVM can expose (treat as read-only)."""
+        if "cpuid" in _HOST_FACTS:
+            return _HOST_FACTS["cpuid"]
         nent = 128
         while True:
             cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": nent, "entries": nent})
@@ -61,6 +73,8 @@ class Kvm:
                 nent *= 2
 
     def get_msr_index_list(self) -> List[int]:
+        if "msrs" in _HOST_FACTS:
+            return list(_HOST_FACTS["msrs"])
         n = 512
         while True:
             lst = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
