@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import array
+import gc
 import json
 import os
 import signal
 import socket
 import sys
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 MAX_FDS = 64
 MAX_REQUEST = 1 << 20
@@ -102,6 +103,37 @@ def _become_vm(conn: socket.socket, listener: socket.socket, request: dict, fds:
     os._exit(code)
 
 
+def _spare_child(listener: socket.socket) -> Tuple[int, socket.socket]:
+    """Fork the next VM process ahead of time; it waits for a connection to serve.
+
+    Forking (and the copy-on-write faults right after it) is off the critical path:
+    when a request comes, a process that is already there takes it.
+    """
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    pid = os.fork()
+    if pid:
+        child_end.close()
+        return pid, parent_end
+    parent_end.close()
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _msg, anc, _flags, _addr = child_end.recvmsg(1, socket.CMSG_SPACE(4))
+        conn_fd = -1
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                conn_fd = array.array("i", payload[:4])[0]
+        if conn_fd < 0:
+            os._exit(0)         # the pool is shutting down
+        child_end.close()
+        conn = socket.socket(fileno=conn_fd)
+        request, fds = _receive(conn)
+        _become_vm(conn, listener, request, fds)
+    except BaseException as e:  # the launcher then sees EOF and reports a failed start
+        sys.stderr.write(f"stratovirt-pool: VM start failed: {e}\n")
+    os._exit(1)
+
+
 def serve(path: str, ready: Optional[str] = None) -> None:
     _warm_up()
     try:
@@ -113,29 +145,30 @@ def serve(path: str, ready: Optional[str] = None) -> None:
     os.chmod(path, 0o600)
     listener.listen(64)
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)     # children are reaped by the kernel
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # Objects that exist now are never collected: the children share their pages
+    # instead of copying them when the collector would touch them.
+    gc.collect()
+    gc.freeze()
+    spare = _spare_child(listener)
     if ready:
         print(ready, flush=True)
     try:
         while True:
             conn, _ = listener.accept()
+            _pid, handoff = spare
             try:
-                request, fds = _receive(conn)
-            except (OSError, ValueError) as e:
-                sys.stderr.write(f"stratovirt-pool: bad request: {e}\n")
-                conn.close()
-                continue
-            pid = os.fork()
-            if pid == 0:
-                try:
-                    _become_vm(conn, listener, request, fds)
-                finally:
-                    os._exit(1)
-            for fd in fds:
-                os.close(fd)
+                handoff.sendmsg([b"c"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                          array.array("i", [conn.fileno()]))])
+            except OSError as e:
+                sys.stderr.write(f"stratovirt-pool: spare VM process lost: {e}\n")
+            handoff.close()
             conn.close()
+            spare = _spare_child(listener)
     except KeyboardInterrupt:
         pass
     finally:
+        spare[1].close()
         listener.close()
         try:
             os.unlink(path)
