@@ -103,10 +103,13 @@ class VmProcess:
     """One ``stratovirt`` process with its serial output collected."""
 
     def __init__(self, args: List[str], tmp: Path, qmp: bool = True, serial: bool = True,
-                 env: Optional[Dict[str, str]] = None):
+                 env: Optional[Dict[str, str]] = None, prefix: Optional[List[str]] = None,
+                 pass_fds: tuple = ()):
+        """``prefix`` runs the VMM under another command (``ip netns exec NS``);
+        ``pass_fds`` hands it file descriptors (a tap, as an orchestrator would)."""
         self.tmp = tmp
         self.qmp_path = str(tmp / f"qmp-{os.getpid()}-{id(self)}.sock")
-        argv = stratovirt_cmd() + list(args)
+        argv = list(prefix or []) + stratovirt_cmd() + list(args)
         if qmp:
             argv += ["-qmp", f"unix:{self.qmp_path},server,nowait"]
         if serial:
@@ -114,7 +117,7 @@ class VmProcess:
         self.argv = argv
         self.started = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+                                     stderr=subprocess.PIPE, env=env, pass_fds=tuple(pass_fds))
         self._out = bytearray()
         self._err = bytearray()
         self._cond = threading.Condition()

@@ -2,7 +2,6 @@
 frame boundaries like a tap fd), plus the tap backend's checks and errors on real
 /dev/net/tun fds (the ones that create interfaces run inside a throw-away netns)."""
 
-import contextlib
 import ctypes
 import os
 import socket
@@ -324,9 +323,8 @@ def test_rx_back_pressure_keeps_frames_in_the_tap(rig):
     addrs = [a for _, a in bufs + more]
     for i in range(3):
         assert rig.mem.read(addrs[i] + HDR + 14, 3) == b"bp%d" % i
-    rig.sync()
+    assert wait_until(lambda: rig.dev._watching != 0)   # a buffer is left: watching for more
     assert not rig.tap.queued()
-    assert rig.dev._watching != 0              # a buffer is left: watching for the next frame
     assert rig.dev.rx_dropped == 0
 
 
@@ -359,8 +357,7 @@ def test_rx_mergeable_buffers(mem, io):
         payload = bytes(range(256)) + bytes(range(20))      # frame = 14 + 276 = 290 bytes
         f = frame(payload)
         r.tap.peer.send(bytes(HDR) + f)                     # 302 bytes: needs 4 buffers
-        time.sleep(0.05)
-        r.sync()
+        assert wait_until(lambda: r.dev._pending is not None)
         assert r.rx.used_idx() == 0                         # held: only 2 buffers
         st = r.dev.save()
         assert st.pending_rx[HDR:] == f
@@ -402,7 +399,7 @@ def test_rx_waits_for_driver_ok_and_reset_stops(mem, io):
         r.post_rx(1)
         r.d.kick(0)
         r.sync()
-        assert r.dev._watching
+        assert wait_until(lambda: r.dev._watching)      # the kick is handled asynchronously
         r.d.wr(M.REG_STATUS, 0)                   # reset
         r.sync()
         assert r.dev._watching == 0
@@ -428,7 +425,7 @@ def test_drain_sends_queued_tx_and_stops_watching(rig):
     rig.post_rx(1)
     rig.d.kick(0)
     rig.sync()
-    assert rig.dev._watching
+    assert wait_until(lambda: rig.dev._watching)      # the kick is handled asynchronously
     with rig.t._lock:
         rig.t._paused = True        # a kick now is only remembered, as during a snapshot
     for i in range(3):
@@ -457,8 +454,7 @@ def test_state_roundtrip_and_restore_on_another_tap(mem, io, device_first):
         r.d.kick(0)
         f = frame(b"P" * 100)
         r.tap.peer.send(bytes(HDR) + f)
-        time.sleep(0.05)
-        r.sync()
+        assert wait_until(lambda: r.dev._pending is not None)
         r.t.drain()
         st = r.dev.save()
         assert st.mac == N.format_mac(MAC) and st.offloads == T.TUN_F_CSUM
@@ -775,7 +771,7 @@ def test_real_tap_frames_and_tap_removed(netns, mem, io):
         rx.add_chain([(2048, True)])
         d.kick(0)
         io.sync()
-        assert dev._watching
+        assert wait_until(lambda: dev._watching)      # the kick is handled asynchronously
         subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "del", "svtap9"], check=True)
         # EPOLLERR on the detached fd: the device notices, stops watching, does not spin
         assert wait_until(lambda: dev._tap_dead)
@@ -784,6 +780,115 @@ def test_real_tap_frames_and_tap_removed(netns, mem, io):
         assert wait_until(lambda: tx.used_idx() == 2)
         assert dev._watching == 0
         assert not d.status & STATUS_DEVICE_NEEDS_RESET
+    finally:
+        t.close()
+        sock.close()
+
+
+def test_missing_dev_net_tun(monkeypatch, tmp_path):
+    monkeypatch.setattr(T, "TUN_PATH", str(tmp_path / "tun"))
+    with pytest.raises(DeviceError, match=r"netdev n0: .*/tun does not exist \(is the tun module "
+                                          r"loaded\?\); cannot open tap svtap0"):
+        T.Tap.open("n0", "svtap0")
+
+
+def test_tx_batches_and_event_idx(mem, io, monkeypatch):
+    monkeypatch.setattr(N, "TX_BATCH", 16)        # 40 frames: three turns on the I/O thread
+    r = Rig(mem, io, features=bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_RING_F_EVENT_IDX))
+    try:
+        for i in range(40):
+            r.tx.add_chain([(bytes(HDR), False), (frame(b"b%03d" % i), False)])
+        r.d.kick(1)
+        got = [r.tap.peer.recv(4096)[HDR + 14:HDR + 18] for _ in range(40)]
+        assert got == [b"b%03d" % i for i in range(40)]
+        assert wait_until(lambda: r.tx.used_idx() == 40)
+        # the device asks for a kick at the next buffer the driver adds
+        assert wait_until(lambda: r.tx.avail_event() == 40)
+    finally:
+        r.close()
+
+
+# -- offloads through a real tap ------------------------------------------------------------------
+PACKET_VNET_HDR = 15
+SOL_PACKET = 263
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def tcp_gso_frame(dst_mac, src_mac, payload_len=3000):
+    """An IPv4/TCP frame whose TCP checksum is left partial (CHECKSUM_PARTIAL style)."""
+    payload = bytes((i * 7) & 0xFF for i in range(payload_len))
+    src, dst = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    tcp_len = 20 + payload_len
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tcp_len, 1, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + struct.pack("!H", 0xFFFF - _csum(ip)) + ip[12:]
+    pseudo = _csum(src + dst + struct.pack("!BBH", 0, 6, tcp_len))
+    tcp = struct.pack("!HHIIBBHHH", 1234, 5678, 1, 0, 5 << 4, 0x18, 65535, pseudo, 0)
+    vnet = struct.pack("<BBHHHH", 1, 1, 54, 1000, 34, 16)    # NEEDS_CSUM, GSO_TCPV4, mss 1000
+    return vnet, dst_mac + src_mac + b"\x08\x00" + ip + tcp + payload
+
+
+@pytest.mark.parametrize("guest_tso", [True, False])
+def test_real_tap_tso_both_ways(netns, mem, io, guest_tso):
+    """Guest TSO frames reach the host stack as GSO packets; host GSO frames reach the guest
+    whole when it negotiated GUEST_TSO4 (TUNSETOFFLOAD), segmented by the host otherwise."""
+    def setup():
+        tap = T.Tap.open("n0", "svtso0")
+        subprocess.run(["ip", "netns", "exec", netns, "ip", "link", "set", "svtso0", "up"], check=True)
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+        s.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
+        s.bind(("svtso0", 0x0800))
+        return tap, s
+    tap, sock = in_netns(netns, setup)
+    sock.settimeout(5)
+    feats = (bit(VIRTIO_F_VERSION_1) | bit(N.VIRTIO_NET_F_CSUM) | bit(N.VIRTIO_NET_F_HOST_TSO4) |
+             bit(N.VIRTIO_NET_F_GUEST_CSUM))
+    if guest_tso:
+        feats |= bit(N.VIRTIO_NET_F_GUEST_TSO4)
+    dev = N.Net(tap, MAC, id="net0")
+    t = M.MmioTransport(dev, mem, M.CountingIrq(), iothread=io)
+    d = MmioDriver(t, mem)
+    try:
+        d.init(feats)
+        rx, tx = d.queues
+        assert tap.offloads == T.TUN_F_CSUM | (T.TUN_F_TSO4 if guest_tso else 0)
+        # guest -> host: one 3054-byte TSO frame
+        vnet, f = tcp_gso_frame(b"\x02" * 6, MAC)
+        tx.add_chain([(vnet + b"\0\0", False), (f, False)])
+        d.kick(1)
+        while True:
+            data, addr = sock.recvfrom(65536)
+            if addr[2] != 4:
+                break
+        flags, gso_type, _, gso_size, _, _ = struct.unpack("<BBHHHH", data[:10])
+        assert (gso_type, gso_size, len(data) - 10) == (1, 1000, len(f))
+        assert data[10:] == f
+        # host -> guest: the same kind of frame injected into the tap
+        bufs = [rx.add_chain([(65562, True)]) for _ in range(4)]
+        d.kick(0)
+        vnet, f = tcp_gso_frame(MAC, b"\x02" * 6)
+        sock.send(vnet + f)
+        if guest_tso:
+            assert wait_until(lambda: rx.used_idx() == 1)
+            (head, ln), = rx.get_used()
+            hdr = mem.read(bufs[0][1][0], HDR)
+            assert ln == HDR + len(f)
+            assert struct.unpack("<BBHHHHH", hdr)[1:4:2] == (1, 1000)       # still one GSO frame
+            assert mem.read(bufs[0][1][0] + HDR, len(f))[54:] == f[54:]
+        else:
+            assert wait_until(lambda: rx.used_idx() == 3)                   # segmented by the host
+            used = rx.get_used()
+            assert [ln for _, ln in used] == [HDR + 54 + 1000] * 3
+            for (_, ln), (_, addrs) in zip(used, bufs):
+                hdr = mem.read(addrs[0], HDR)
+                assert hdr[1] == 0                                          # GSO_NONE
     finally:
         t.close()
         sock.close()

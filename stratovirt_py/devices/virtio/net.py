@@ -24,6 +24,10 @@ held and delivered first; it is part of the saved state.
 
 The state (``NetState``) holds the MAC, the offloads the guest acked and a held frame,
 never which tap: a restored clone may run on another tap or fd.
+
+Hot-replace: ``Net.empty()`` is the device of an empty slot (no MAC, link down);
+``replace_backend(new)`` takes over another ``Net``'s tap and MAC (``None`` empties the
+slot again) and raises a configuration-change interrupt for the link status.
 """
 
 from __future__ import annotations
@@ -387,8 +391,12 @@ class Net(VirtioDevice):
                 return -1
             log.debug("%s: tap read failed: %s", self.id, e.strerror)
             return 0
-        if not n:
+        if n is None:
             q.undo_pop()
+            return -1
+        if n == 0:                    # end of file: a tap never reads empty
+            q.undo_pop()
+            self._tap_failed("read", OSError(errno.ENODEV, "end of file"))
             return -1
         total = n + skip
         if total <= cap:
@@ -468,7 +476,8 @@ class Net(VirtioDevice):
             "(%d dropped so far)", self.id, size, room, self.rx_dropped)
 
     # -- transmit (guest -> tap) -------------------------------------------------------------------
-    def _process_tx(self, batch: int = TX_BATCH) -> None:
+    def _process_tx(self, batch: Optional[int] = None) -> None:
+        batch = batch or TX_BATCH
         if not self.queues:
             return
         q = self.queues[TX_QUEUE]

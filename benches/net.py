@@ -1,0 +1,228 @@
+"""virtio-net: stratovirt-py beside QEMU with the same test guest, over a tap in a netns.
+
+    sudo .venv/bin/python benches/net.py [--reps 3] [--frames 2000]
+
+What the test guest (``sv.net``) allows us to measure (it has no net benchmark mode; it
+sends one PING, then waits for a frame of EtherType 0x88B5 and answers it once, dropping
+and re-posting every other frame):
+
+* host -> guest frames/s: inject N frames of EtherType 0x88B6 (the guest takes each one
+  from its 8 receive buffers, drops it and re-posts the buffer: every frame is a full trip
+  through the device) followed by one 0x88B5 frame; the rate is (N + 1) / (time from the
+  first injected frame to the guest's PONG on the tap).
+* round trip: inject one 0x88B5 frame, time until the PONG comes back (includes the
+  guest printing its ``net: got ...`` line on the serial port, one port write per byte).
+* spawn -> PING: process start to the guest's first frame on the tap (boot included).
+
+guest -> host frames/s cannot be measured: the guest sends two frames in all.
+Both VMMs run in the same namespace set-up, one after the other, same guest, same
+tap settings; each number is the median over the repetitions.  Timings on these
+machines (nested, emulated CPL0) are only meaningful as ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+ETH_SV = 0x88B5
+ETH_OTHER = 0x88B6
+GUEST_MAC = bytes.fromhex("525400123456")
+HOST_MAC = bytes.fromhex("020000000001")
+PACKET_OUTGOING = 4
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def sh(*cmd, check=True):
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
+
+
+class Netns:
+    def __init__(self):
+        self.name = f"svbench-{uuid.uuid4().hex[:8]}"
+        sh("ip", "netns", "add", self.name)
+        self.exec = ["ip", "netns", "exec", self.name]
+        sh(*self.exec, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+           "net.ipv6.conf.default.disable_ipv6=1", check=False)
+        sh(*self.exec, "ip", "tuntap", "add", "svtap0", "mode", "tap")
+        sh(*self.exec, "ip", "link", "set", "svtap0", "txqueuelen", "10000", "up")
+
+    def run_in(self, fn):
+        out = {}
+
+        def run():
+            try:
+                fd = os.open(f"/var/run/netns/{self.name}", os.O_RDONLY)
+                try:
+                    if _libc.setns(fd, CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns")
+                finally:
+                    os.close(fd)
+                out["v"] = fn()
+            except BaseException as e:  # noqa: BLE001
+                out["e"] = e
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+        if "e" in out:
+            raise out["e"]
+        return out["v"]
+
+    def close(self):
+        sh("ip", "netns", "del", self.name, check=False)
+
+
+class Wire:
+    def __init__(self, ns: Netns):
+        def make():
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_SV))
+            s.bind(("svtap0", ETH_SV))
+            t = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)   # sends any EtherType
+            t.bind(("svtap0", 0))
+            return s, t
+        self.rx, self.tx = ns.run_in(make)
+
+    def recv(self, timeout=60.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("no frame from the guest")
+            self.rx.settimeout(left)
+            data, addr = self.rx.recvfrom(65536)
+            if addr[2] != PACKET_OUTGOING:
+                return data
+
+    def frame(self, etype: int, payload: bytes) -> bytes:
+        f = GUEST_MAC + HOST_MAC + etype.to_bytes(2, "big") + payload
+        return f + bytes(max(0, 60 - len(f)))
+
+    def close(self):
+        self.rx.close()
+        self.tx.close()
+
+
+def stratovirt_argv(guest: Path, tmp: str):
+    exe = shutil.which("stratovirt", path=os.path.dirname(sys.executable))
+    base = [exe] if exe else [sys.executable, "-m", "stratovirt_py"]
+    return base + ["-m", "128", "-kernel", str(guest),
+                   "-append", "sv.net sv.netwait=60000 sv.hb=0",
+                   "-netdev", "tap,id=n0,ifname=svtap0",
+                   "-device", "virtio-net-device,id=net0,netdev=n0,mac=52:54:00:12:34:56",
+                   "-qmp", f"unix:{tmp}/qmp-{uuid.uuid4().hex[:6]}.sock,server,nowait",
+                   "-serial", "stdio"]
+
+
+def qemu_argv(guest: Path, tmp: str):
+    return ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-m", "128",
+            "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
+            "-kernel", str(guest), "-append", "sv.net sv.netwait=60000 sv.hb=0",
+            "-global", "virtio-mmio.force-legacy=false",
+            "-netdev", "tap,id=n0,ifname=svtap0,script=no,downscript=no",
+            "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"]
+
+
+def one_run(argv, frames: int):
+    """(spawn->PING s, seconds from the first injected frame to the PONG)."""
+    ns = Netns()
+    wire = Wire(ns)
+    proc = None
+    try:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(ns.exec + argv, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ping = wire.recv()
+        t_ping = time.perf_counter() - t0
+        assert ping[6:12] == GUEST_MAC and b"SVGUEST-NET-PING" in ping, ping[:40]
+        time.sleep(0.2)              # let the guest settle into its receive loop
+        other = wire.frame(ETH_OTHER, b"FILLER")
+        last = wire.frame(ETH_SV, b"SVBENCH")
+        send = wire.tx.send
+        t1 = time.perf_counter()
+        for _ in range(frames):
+            send(other)
+        send(last)
+        pong = wire.recv()
+        dt = time.perf_counter() - t1
+        assert pong[:6] == HOST_MAC and b"SVGUEST-NET-PONG" in pong, pong[:40]
+        return t_ping, dt
+    finally:
+        if proc is not None:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            if proc.returncode not in (0, -9) and err:
+                sys.stderr.write(err.decode(errors="replace")[-2000:])
+        wire.close()
+        ns.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--frames", type=int, default=2000)
+    ap.add_argument("--no-qemu", action="store_true")
+    a = ap.parse_args()
+    if os.geteuid() != 0:
+        print("benches/net.py needs root (network namespace and taps)", file=sys.stderr)
+        return 2
+    from stratovirt_py.guest.build import build_guest
+    guest = build_guest("elf")
+    tmp = tempfile.mkdtemp(prefix="svnetbench-")
+    peers = [("stratovirt-py", stratovirt_argv)]
+    if not a.no_qemu and shutil.which("qemu-system-x86_64"):
+        peers.append(("QEMU", qemu_argv))
+    samples = {name: {"rate": [], "rtt": [], "boot": []} for name, _ in peers}
+    try:
+        # Interleaved (one run of each peer per repetition) so that a change in the
+        # machine's load hits both alike.
+        for _ in range(a.reps):
+            for name, mk in peers:
+                t_ping, dt = one_run(mk(guest, tmp), 0)
+                samples[name]["boot"].append(t_ping)
+                samples[name]["rtt"].append(dt)
+                _, dt = one_run(mk(guest, tmp), a.frames)
+                samples[name]["rate"].append((a.frames + 1) / dt)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results = {}
+    for name, smp in samples.items():
+        results[name] = {k: statistics.median(v) for k, v in smp.items()}
+        print(f"{name}: rate {sorted(int(r) for r in smp['rate'])} /s, rtt "
+              f"{[round(r * 1000, 2) for r in sorted(smp['rtt'])]} ms, spawn->PING "
+              f"{[round(b * 1000) for b in sorted(smp['boot'])]} ms", file=sys.stderr)
+    rows = [("host -> guest frames/s (%d frames)" % a.frames, "rate", "{:.0f}", False),
+            ("inject -> reply round trip (ms)", "rtt", "{:.2f}", True),
+            ("spawn -> guest's first frame (ms)", "boot", "{:.0f}", True)]
+    py = results["stratovirt-py"]
+    q = results.get("QEMU")
+    print(f"| measurement (median of {a.reps}) | stratovirt-py | QEMU | stratovirt-py / QEMU |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, key, fmt, is_time in rows:
+        scale = 1000 if is_time else 1
+        pv = py[key] * scale
+        if q:
+            qv = q[key] * scale
+            print(f"| {label} | {fmt.format(pv)} | {fmt.format(qv)} | {pv / qv:.2f} |")
+        else:
+            print(f"| {label} | {fmt.format(pv)} | - | - |")
+    print("guest -> host frames/s: not measurable (the test guest sends one PING and one PONG)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
