@@ -178,7 +178,7 @@ def test_frames_both_ways_on_a_named_tap(kvm, netns, guest_elf, tmp_path):
             expect_ping(vm, wire, GUEST_MAC)
             ping_pong(vm, wire, GUEST_MAC)
             quit_vm(vm)
-            assert vm.stderr == ""
+            assert vm.stderr == "", vm.stderr
     finally:
         wire.close()
 
