@@ -109,7 +109,8 @@ def _spare_child(listener: socket.socket) -> Tuple[int, socket.socket]:
     Forking (and the copy-on-write faults right after it) is off the critical path:
     when a request comes, a process that is already there takes it.
     """
-    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    # SEQPACKET, not DGRAM: the spare must see EOF when the pool goes away.
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid:
         child_end.close()

@@ -95,3 +95,22 @@ def test_without_pool_socket_runs_directly(kvm, guest_elf, tmp_path):
                    env=pool_env(str(tmp_path / "no-such.sock"))) as vm:
         assert vm.wait() == 0
         assert "heartbeat 1" in vm.output
+
+
+def test_pool_leaves_no_process_behind(tmp_path):
+    path = str(tmp_path / "p.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "stratovirt_py.pool", "--socket", path],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "stratovirt-pool: ready"
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the pool keeps a spare VM process"
+    proc.terminate()
+    proc.wait(10)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        alive = [c for c in children if os.path.exists(f"/proc/{c}")]
+        if not alive:
+            break
+        time.sleep(0.05)
+    assert not alive, "spare VM processes outlived the pool"
+    assert not os.path.exists(path)
