@@ -71,6 +71,11 @@ common64:
         pushq   $1f
         lretq
 1:      call    setup_tss_idt
+        /* Mask both 8259 PICs: this guest polls and never takes an interrupt,
+         * so device interrupts are not even left pending at the vCPU. */
+        movb    $0xff, %al
+        outb    %al, $0x21
+        outb    %al, $0xa1
         /* Drop to CPL3 with IOPL=3, interrupts off. */
         movl    boot_kind(%rip), %edi
         movq    boot_ptr(%rip), %rsi
