@@ -48,6 +48,22 @@ def stratovirt_exe() -> List[str]:
     return [sys.executable, "-m", "stratovirt_py"]
 
 
+class Pool:
+    """A ``stratovirt-pool`` for the run: ``env`` makes ``stratovirt`` fork VMs from it."""
+
+    def __init__(self, tmp: str):
+        path = os.path.join(tmp, "pool.sock")
+        self.proc = subprocess.Popen([sys.executable, "-m", "stratovirt_py.pool", "--socket", path],
+                                     stdout=subprocess.PIPE, text=True, cwd=str(REPO))
+        if self.proc.stdout.readline().strip() != "stratovirt-pool: ready":
+            raise RuntimeError("stratovirt-pool did not start")
+        self.env = dict(os.environ, STRATOVIRT_POOL=path)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def ensure_qemu() -> Optional[str]:
     """Path of qemu-system-x86_64; installs it with apt when missing and run as root."""
     exe = shutil.which("qemu-system-x86_64")
@@ -155,7 +171,8 @@ def disk_usage(path: str) -> Dict[str, int]:
 class Vmm:
     """One VMM process: serial lines timestamped as they arrive, QMP on demand."""
 
-    def __init__(self, name: str, argv: List[str], qmp_path: Optional[str] = None):
+    def __init__(self, name: str, argv: List[str], qmp_path: Optional[str] = None,
+                 env: Optional[Dict[str, str]] = None):
         self.name = name
         self.argv = argv
         self.qmp_path = qmp_path
@@ -167,7 +184,7 @@ class Vmm:
         self._qmp: Optional[Qmp] = None
         self.t0 = time.perf_counter()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, env=env)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self._errbuf = b""

@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common as C  # noqa: E402
 
 PEERS = ("ours", "qemu")
-NAMES = {"ours": "stratovirt-py", "qemu": "QEMU"}
+NAMES = {"ours": "stratovirt-py", "pool": "stratovirt-py (warm pool)", "qemu": "QEMU"}
 
 
 class Bench:
@@ -51,9 +51,13 @@ class Bench:
         self.qemu = qemu
         self.kernel = kernel
         self.tmp = tmp
-        self.peers = ["ours"] + (["qemu"] if qemu else [])
+        self.pool = C.Pool(tmp) if a.pool else None
+        self.peers = ["ours"] + (["pool"] if self.pool else []) + (["qemu"] if qemu else [])
         self.seq = 0
         self.initrds = {}
+
+    def env(self, peer: str):
+        return self.pool.env if peer == "pool" else None
 
     # -- set-up -----------------------------------------------------------------
     def initrd(self, mem: int, state: str):
@@ -72,18 +76,18 @@ class Bench:
         rd, _ = self.initrd(mem, state)
         extra = list(extra) + (["-initrd", rd] if rd else [])
         append = f"sv.hb={hb}"
-        if peer == "ours":
+        if peer in ("ours", "pool"):
             return C.stratovirt_argv(self.kernel, mem, append, qmp, extra), qmp
         return C.qemu_argv(self.qemu, self.kernel, mem, append, qmp, extra), qmp
 
     # -- snapshot ---------------------------------------------------------------
     def make_template(self, peer: str, mem: int, state: str, hb: int, path: str) -> dict:
         argv, qmp = self.argv(peer, mem, state, hb)
-        vm = C.Vmm(peer, argv, qmp)
+        vm = C.Vmm(peer, argv, qmp, env=self.env(peer))
         try:
             vm.wait_heartbeat(120, min_n=5)
             q = vm.qmp()
-            uri = f"file:{path}" if peer == "ours" else f"exec:cat > {path}"
+            uri = f"exec:cat > {path}" if peer == "qemu" else f"file:{path}"
             t = time.perf_counter()
             q.execute("stop")
             q.execute("migrate", {"uri": uri})
@@ -104,9 +108,9 @@ class Bench:
                 last_beat: int) -> dict:
         if self.a.cold:
             C.drop_file_cache(C.tree_files(path))
-        inc = f"file:{path}" if peer == "ours" else f"exec:cat {path}"
+        inc = f"exec:cat {path}" if peer == "qemu" else f"file:{path}"
         argv, qmp = self.argv(peer, mem, state, hb, ["-incoming", inc])
-        vm = C.Vmm(peer, argv, qmp)
+        vm = C.Vmm(peer, argv, qmp, env=self.env(peer))
         out = {}
         try:
             q = vm.qmp(timeout=120)
@@ -136,13 +140,13 @@ class Bench:
     # -- clones -----------------------------------------------------------------
     def clones(self, peer: str, n: int, mem: int, state: str, hb: int, path: str,
                last_beat: int) -> dict:
-        inc = f"file:{path}" if peer == "ours" else f"exec:cat {path}"
+        inc = f"exec:cat {path}" if peer == "qemu" else f"file:{path}"
         vms = []
         t = time.perf_counter()
         try:
             for _ in range(n):
                 argv, qmp = self.argv(peer, mem, state, hb, ["-incoming", inc])
-                vms.append(C.Vmm(peer, argv, qmp))
+                vms.append(C.Vmm(peer, argv, qmp, env=self.env(peer)))
             if peer == "qemu":
                 for vm in vms:
                     q = vm.qmp(timeout=300)
@@ -183,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cold", action="store_true", help="evict the template from the page cache before each restore")
     ap.add_argument("--parts", default="snapshot,restore,clones,plot")
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--pool", action="store_true",
+                    help="also measure stratovirt-py forking VMs from a warm stratovirt-pool")
     ap.add_argument("--dir", help="scratch directory (default: a new one in /var/tmp)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--plot", default=str(C.REPO / "docs" / "restore-latency.png"))
@@ -208,6 +214,8 @@ def main(argv=None) -> int:
         if "clones" in parts:
             run_clones(b, a, counts, results)
     finally:
+        if b.pool:
+            b.pool.close()
         shutil.rmtree(tmp, ignore_errors=True)
     results["cpu"] = C.CpuLoad.stop(load)
     cpu = results["cpu"]
@@ -232,7 +240,7 @@ def run_snap_restore(b: Bench, a, sizes, states, parts, results) -> None:
                     r = b.make_template(p, mem, state, a.hb, path)
                     snaps[p].append(r)
                     if p in keep:
-                        shutil.rmtree(keep[p][0], ignore_errors=True) if p == "ours" \
+                        shutil.rmtree(keep[p][0], ignore_errors=True) if p != "qemu" \
                             else os.unlink(keep[p][0])
                     keep[p] = (path, r["last_beat"])
             results["snapshot"][key] = snaps
@@ -253,7 +261,7 @@ def run_snap_restore(b: Bench, a, sizes, states, parts, results) -> None:
                                   for p in b.peers), flush=True)
             for p in b.peers:
                 path = keep[p][0]
-                shutil.rmtree(path, ignore_errors=True) if p == "ours" else os.unlink(path)
+                shutil.rmtree(path, ignore_errors=True) if p != "qemu" else os.unlink(path)
 
     # ---- tables
     rows = []
@@ -291,6 +299,20 @@ def run_snap_restore(b: Bench, a, sizes, states, parts, results) -> None:
              "QEMU incoming done", "ours/QEMU"], rows,
             "Restore: process start -> first heartbeat after restore (ms)"
             + (" [cold page cache]" if a.cold else " [template in page cache]"))
+    if "pool" in b.peers:
+        rows = []
+        for mem in sizes:
+            for state in states:
+                rs = results["restore"][f"{mem}/{state}"]
+                pq = C.quantiles([r["running"] for r in rs["pool"]])
+                o = C.median([r["running"] for r in rs["ours"]])
+                q = C.median([r["running"] for r in rs["qemu"]]) if "qemu" in rs else None
+                rows.append([f"{mem} MiB {state}", C.fmt(pq["median"]),
+                             f"{pq['min']:.0f}-{pq['max']:.0f}", C.fmt(o), C.fmt(q),
+                             C.ratio(pq["median"], q)])
+        C.table(["restore, median of %d" % a.reps, "pool -> running", "pool min-max",
+                 "ours (own process)", "QEMU", "pool/QEMU"], rows,
+                "Restore through stratovirt-pool: process start -> first heartbeat (ms)")
     rows = []
     for mem in sizes:
         for state in states:
@@ -356,7 +378,8 @@ def plot(results, peers, path) -> None:
               "no plot", file=sys.stderr)
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"ours": ("tab:blue", "stratovirt-py"), "qemu": ("tab:red", "QEMU 7.2")}
+    styles = {"ours": ("tab:blue", "stratovirt-py"), "pool": ("tab:green", "stratovirt-py, warm pool"),
+              "qemu": ("tab:red", "QEMU 7.2")}
     sizes = results["sizes"]
     for p in peers:
         for state, ls in (("idle", "-"), ("dirty", "--")):
