@@ -167,10 +167,17 @@ class VcpuGroup:
             self._on_exit("guest-shutdown", 0, "guest halted")
             return False
         if reason == lib.KVM_EXIT_INTERNAL_ERROR:
-            sub = vcpu.exit_internal.suberror
+            info = vcpu.exit_internal
+            sub = info.suberror
             what = {1: "emulation failure", 2: "simultaneous exceptions",
                     3: "delivery event failure"}.get(sub, f"suberror {sub}")
-            self._on_exit("error", 1, f"vCPU {vcpu.index}: KVM internal error ({what})")
+            data = " ".join(f"{info.data[i]:#x}" for i in range(min(info.ndata, 16)))
+            try:
+                rip = f" at rip {vcpu.get('regs').rip:#x}"
+            except KvmError:
+                rip = ""
+            self._on_exit("error", 1, f"vCPU {vcpu.index}: KVM internal error ({what}){rip}"
+                          + (f", data {data}" if data else ""))
             return False
         if reason == lib.KVM_EXIT_FAIL_ENTRY:
             code = vcpu.exit_fail_entry.hardware_entry_failure_reason

@@ -17,6 +17,7 @@ CMD_SELF_TEST = 0xAA
 CMD_RESET_CPU = 0xFE
 STATUS_OBF = 0x01
 STATUS_SYS = 0x04
+STATUS_UNLOCKED = 0x10   # "keyboard not inhibited": Linux warns of a keylock without it
 CTR_KBD_INT = 0x01
 # Set-1 scancodes: Ctrl down, Alt down, Del down, Del up, Alt up, Ctrl up.
 CTRL_ALT_DEL = (0x1D, 0x38, 0xE0, 0x53, 0xE0, 0xD3, 0xB8, 0x9D)
@@ -36,7 +37,7 @@ class I8042:
     def read(self, offset: int, size: int) -> bytes:
         with self._lock:
             if offset == 4:
-                value = STATUS_SYS | (STATUS_OBF if self._buf else 0)
+                value = STATUS_SYS | STATUS_UNLOCKED | (STATUS_OBF if self._buf else 0)
             elif offset == 0:
                 value = self._buf.popleft() if self._buf else 0
                 self._pulse()
