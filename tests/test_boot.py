@@ -248,3 +248,49 @@ def test_serial_pty(kvm, guest_elf, tmp_path):
             assert b"SVGUEST v1 booted" in got
         finally:
             os.close(fd)
+
+
+def test_serial_stdin_reaches_the_guest(kvm, guest_elf, tmp_path):
+    proc = subprocess.Popen(stratovirt_cmd() + [
+        "-kernel", str(guest_elf), "-append", "sv.serin sv.hbmax=1",
+        "-qmp", f"unix:{tmp_path}/s,server,nowait", "-serial", "stdio"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = b""
+        while b"serial-in: ready" not in line:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+        proc.stdin.write(b"typed by the host\n")
+        proc.stdin.flush()
+        rest = proc.stdout.read().decode()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "serial-in: typed by the host\n" in rest
+
+
+def test_terminal_mode_is_restored(kvm, guest_elf, tmp_path):
+    """-serial stdio on a terminal: raw while the VM runs, as it was after it exits."""
+    import pty
+    import termios
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    try:
+        proc = subprocess.Popen(stratovirt_cmd() + [
+            "-kernel", str(guest_elf), "-append", "sv.hb=20",
+            "-qmp", f"unix:{tmp_path}/s,server,nowait", "-serial", "stdio"],
+            stdin=slave, stdout=slave, stderr=subprocess.PIPE)
+        got = b""
+        deadline = time.time() + 30
+        while b"heartbeat 1" not in got and time.time() < deadline:
+            got += os.read(master, 4096)
+        during = termios.tcgetattr(slave)
+        assert not during[3] & termios.ICANON and not during[3] & termios.ECHO
+        q = QmpClient(f"{tmp_path}/s")
+        q.cmd("quit")
+        assert proc.wait(30) == 0
+        assert termios.tcgetattr(slave) == before
+    finally:
+        os.close(master)
+        os.close(slave)

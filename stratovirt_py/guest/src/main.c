@@ -39,6 +39,27 @@ static void report_initrd(u32 kind, u64 ptr)
     kprintf("initrd: addr 0x%lx size %lu first %s\n", addr, size, hex);
 }
 
+/* sv.serin: read one line from COM1 (polling LSR.DR), echo it as "serial-in: <line>". */
+static void serial_in_line(void)
+{
+    char line[80];
+    size_t n = 0;
+    u64 end = rdtsc() + ms_to_tsc(10000);
+    kprintf("serial-in: ready\n");
+    while (n < sizeof(line) - 1 && (i64)(rdtsc() - end) < 0) {
+        if (!(inb(0x3fd) & 1)) {
+            cpu_relax();
+            continue;
+        }
+        char c = (char)inb(0x3f8);
+        if (c == '\r' || c == '\n')
+            break;
+        line[n++] = c;
+    }
+    line[n] = 0;
+    kprintf("serial-in: %s\n", line);
+}
+
 static u64 param_u64(const char *key, u64 dflt)
 {
     const char *v = cmdline_param(key);
@@ -96,6 +117,8 @@ __attribute__((noreturn)) void guest_main(u32 kind, u64 ptr)
 
     if (cmdline_param("sv.smp"))
         smp_boot();
+    if (cmdline_param("sv.serin"))
+        serial_in_line();
 
     virtio_main();
 
