@@ -148,16 +148,13 @@ class Vmm:
         self.request_exit("guest-shutdown", 0, "guest powered off")
 
     def cpus(self) -> List[dict]:
+        """Per vCPU, in query-cpus-fast's names (the QMP layer shapes them for query-cpus)."""
         tids = self.group.thread_ids if self.group else []
-        out = []
-        for i in range(len(self.vcpus)):
-            out.append({"cpu-index": i, "CPU": i, "current": i == 0, "halted": False,
-                        "thread-id": tids[i] if i < len(tids) else 0, "thread_id": tids[i] if i < len(tids) else 0,
-                        "arch": "x86", "target": "x86_64",
-                        "qom_path": f"/machine/unattached/device[{i}]",
-                        "qom-path": f"/machine/unattached/device[{i}]",
-                        "props": {"socket-id": 0, "core-id": i, "thread-id": 0}})
-        return out
+        return [{"cpu-index": i, "current": i == 0, "halted": False,
+                 "thread-id": tids[i] if i < len(tids) else 0, "arch": "x86", "target": "x86_64",
+                 "qom_path": f"/machine/unattached/device[{i}]",
+                 "props": {"socket-id": 0, "core-id": i, "thread-id": 0}}
+                for i in range(len(self.vcpus))]
 
     def hotpluggable_cpus(self) -> List[dict]:
         return [{"type": "host-x86-cpu", "vcpus-count": 1,

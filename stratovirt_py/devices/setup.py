@@ -110,8 +110,7 @@ def create_empty(driver: str, index: int):
         from .virtio.blk import Blk
         return Blk(None, id=f"slot{index}")
     from .virtio.net import Net
-    empty = getattr(Net, "empty", None)
-    return empty(id=f"slot{index}") if empty else None
+    return Net.empty(id=f"slot{index}")
 
 
 def place(cfg: VmConfig) -> List[Optional[DeviceConfig]]:
@@ -175,6 +174,5 @@ def add_virtio_devices(vmm) -> None:
             device.close()
         raise
     for index, driver, dev_id, device in made:
-        if device is not None:
-            vmm.virtio_slots.append(plug(vmm, index, driver, dev_id, device))
+        vmm.virtio_slots.append(plug(vmm, index, driver, dev_id, device))
     vmm.cleanups.append(lambda: [s.transport.close() for s in vmm.virtio_slots if s.transport])

@@ -231,6 +231,9 @@ void virtio_main(void)
         virtio_console_main();
     if (cmdline_param("sv.net"))
         virtio_net_main();
+    const char *netbench = cmdline_param("sv.netbench");
+    if (netbench)
+        virtio_netbench(netbench);
     const char *bad = cmdline_param("sv.bad");
     if (bad) {
         size_t n = token_len(bad);

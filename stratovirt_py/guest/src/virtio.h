@@ -130,6 +130,7 @@ void virtio_blkbench(const char *arg);
 void virtio_rng_main(void);
 void virtio_console_main(void);
 void virtio_net_main(void);
+void virtio_netbench(const char *arg);
 #define VIRTIO_BLK_T_IN     0
 #define VIRTIO_BLK_T_OUT    1
 #define VIRTIO_BLK_T_FLUSH  4
