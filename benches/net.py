@@ -1,10 +1,11 @@
 """virtio-net: stratovirt-py beside QEMU with the same test guest, over a tap in a netns.
 
-    sudo .venv/bin/python benches/net.py [--reps 3] [--frames 2000]
+    sudo .venv/bin/python benches/net.py [--reps 3] [--frames 2000] [--tx-frames 3000]
+                                         [--tx-len 60] [--parts rx,tx]
 
-What the test guest (``sv.net``) allows us to measure (it has no net benchmark mode; it
-sends one PING, then waits for a frame of EtherType 0x88B5 and answers it once, dropping
-and re-posting every other frame):
+What the test guest allows us to measure (``sv.net`` sends one PING, then waits for a
+frame of EtherType 0x88B5 and answers it once, dropping and re-posting every other frame;
+``sv.netbench=tx,<count>,<len>`` transmits a burst):
 
 * host -> guest frames/s: inject N frames of EtherType 0x88B6 (the guest takes each one
   from its 8 receive buffers, drops it and re-posts the buffer: every frame is a full trip
@@ -14,7 +15,14 @@ and re-posting every other frame):
   guest printing its ``net: got ...`` line on the serial port, one port write per byte).
 * spawn -> PING: process start to the guest's first frame on the tap (boot included).
 
-guest -> host frames/s cannot be measured: the guest sends two frames in all.
+* guest -> host frames/s (``sv.netbench=tx,N,len``): the guest transmits N broadcast
+  frames of EtherType 0x88B6 (a big-endian sequence number, then zeros), up to 16 in
+  flight, polling the used ring; an AF_PACKET socket on the tap (64 MiB receive buffer,
+  kernel receive timestamps) counts them.  Two rates: N / the guest's TSC time from the
+  first submission to the last completion (``netbench: tx N len cycles tsc_khz``), and
+  (frames received - 1) / (last - first host receive timestamp).  Frames lost on the
+  way are counted and reported.
+
 Both VMMs run in the same namespace set-up, one after the other, same guest, same
 tap settings; each number is the median over the repetitions.  Timings on these
 machines (nested, emulated CPL0) are only meaningful as ratios.
@@ -28,6 +36,7 @@ import os
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -117,21 +126,24 @@ class Wire:
         self.tx.close()
 
 
-def stratovirt_argv(guest: Path, tmp: str):
+RX_APPEND = "sv.net sv.netwait=60000 sv.hb=0"
+
+
+def stratovirt_argv(guest: Path, tmp: str, append: str = RX_APPEND):
     exe = shutil.which("stratovirt", path=os.path.dirname(sys.executable))
     base = [exe] if exe else [sys.executable, "-m", "stratovirt_py"]
     return base + ["-m", "128", "-kernel", str(guest),
-                   "-append", "sv.net sv.netwait=60000 sv.hb=0",
+                   "-append", append,
                    "-netdev", "tap,id=n0,ifname=svtap0",
                    "-device", "virtio-net-device,id=net0,netdev=n0,mac=52:54:00:12:34:56",
                    "-qmp", f"unix:{tmp}/qmp-{uuid.uuid4().hex[:6]}.sock,server,nowait",
                    "-serial", "stdio"]
 
 
-def qemu_argv(guest: Path, tmp: str):
+def qemu_argv(guest: Path, tmp: str, append: str = RX_APPEND):
     return ["qemu-system-x86_64", "-M", "microvm,acpi=off", "-enable-kvm", "-m", "128",
             "-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio", "-no-reboot",
-            "-kernel", str(guest), "-append", "sv.net sv.netwait=60000 sv.hb=0",
+            "-kernel", str(guest), "-append", append,
             "-global", "virtio-mmio.force-legacy=false",
             "-netdev", "tap,id=n0,ifname=svtap0,script=no,downscript=no",
             "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"]
@@ -171,12 +183,123 @@ def one_run(argv, frames: int):
         ns.close()
 
 
+SO_TIMESTAMPNS = 35
+SO_RCVBUFFORCE = 33
+
+
+class TxCounter:
+    """Frames of EtherType 0x88B6 the guest sends, with kernel receive timestamps."""
+
+    def __init__(self, ns: Netns):
+        def make():
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_OTHER))
+            try:
+                s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 20)
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            s.bind(("svtap0", ETH_OTHER))
+            return s
+        self.sock = ns.run_in(make)
+        self.stamps = []          # (kernel receive time s, sequence number)
+        self.bad = 0
+
+    def collect(self, count: int, deadline: float) -> None:
+        while len(self.stamps) < count:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.sock.settimeout(left)
+            try:
+                data, anc, _flags, addr = self.sock.recvmsg(65536, 64)
+            except (TimeoutError, socket.timeout):
+                return
+            if addr[2] == PACKET_OUTGOING:
+                continue
+            if data[6:12] != GUEST_MAC or len(data) < 18:
+                self.bad += 1
+                continue
+            ts = None
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", cdata[:16])
+                    ts = sec + nsec * 1e-9
+            self.stamps.append((ts if ts is not None else time.time(),
+                                int.from_bytes(data[14:18], "big")))
+
+    def close(self):
+        self.sock.close()
+
+
+def one_tx_run(mk, guest: Path, tmp: str, count: int, length: int):
+    """Guest -> host burst: (guest-timed frames/s, host-timed frames/s, frames lost, out of order)."""
+    ns = Netns()
+    counter = TxCounter(ns)
+    proc = None
+    try:
+        argv = mk(guest, tmp, f"sv.netbench=tx,{count},{length} sv.hb=0")
+        proc = subprocess.Popen(ns.exec + argv, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        result = {}
+
+        def serial():
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").strip()
+                if line.startswith("netbench: "):
+                    result.setdefault("lines", []).append(line)
+                    if line.startswith(("netbench: tx ", "netbench: timeout", "netbench: no ",
+                                        "netbench: bad")):
+                        result["done"] = line
+                        return
+        t = threading.Thread(target=serial, daemon=True)
+        t.start()
+        counter.collect(count, time.monotonic() + 120)
+        t.join(30)
+        done = result.get("done", "")
+        if not done.startswith("netbench: tx "):
+            raise RuntimeError(f"guest did not finish the burst: {result.get('lines')}")
+        _, _, n, ln, cycles, khz = done.split()
+        assert int(n) == count and int(ln) == length, done
+        if any(x.startswith("netbench: errors") for x in result["lines"]):
+            print(f"warning: {result['lines']}", file=sys.stderr)
+        guest_rate = count / (int(cycles) / (int(khz) * 1000.0))
+        # frames still in the socket after the guest reported completion
+        counter.collect(count, time.monotonic() + 0.5)
+        st = counter.stamps
+        seqs = [q for _, q in st]
+        host_rate = (len(st) - 1) / (st[-1][0] - st[0][0]) if len(st) > 1 else 0.0
+        lost = count - len(set(seqs) & set(range(count)))
+        disorder = sum(1 for a_, b_ in zip(seqs, seqs[1:]) if b_ != a_ + 1)
+        return guest_rate, host_rate, lost, disorder
+    finally:
+        if proc is not None:
+            proc.kill()
+            _, err = proc.communicate(timeout=10)
+            if proc.returncode not in (0, -9) and err:
+                sys.stderr.write(err.decode(errors="replace")[-2000:])
+        counter.close()
+        ns.close()
+
+
+def cpu_stat():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + (v[4] if len(v) > 4 else 0)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--frames", type=int, default=2000)
+    ap.add_argument("--tx-frames", type=int, default=3000,
+                    help="frames per guest -> host burst (sv.netbench=tx)")
+    ap.add_argument("--tx-len", type=int, default=60,
+                    help="bytes per transmitted frame incl. the 14-byte Ethernet header (18..1514)")
+    ap.add_argument("--parts", default="rx,tx",
+                    help="rx: host -> guest rate, round trip, boot; tx: guest -> host rate")
     ap.add_argument("--no-qemu", action="store_true")
     a = ap.parse_args()
+    parts = set(a.parts.split(","))
     if os.geteuid() != 0:
         print("benches/net.py needs root (network namespace and taps)", file=sys.stderr)
         return 2
@@ -186,28 +309,53 @@ def main() -> int:
     peers = [("stratovirt-py", stratovirt_argv)]
     if not a.no_qemu and shutil.which("qemu-system-x86_64"):
         peers.append(("QEMU", qemu_argv))
-    samples = {name: {"rate": [], "rtt": [], "boot": []} for name, _ in peers}
+    samples = {name: {"rate": [], "rtt": [], "boot": [], "txg": [], "txh": [], "lost": [],
+                      "disorder": []} for name, _ in peers}
+    cpu0, load0 = cpu_stat(), os.getloadavg()
     try:
         # Interleaved (one run of each peer per repetition) so that a change in the
         # machine's load hits both alike.
         for _ in range(a.reps):
             for name, mk in peers:
-                t_ping, dt = one_run(mk(guest, tmp), 0)
-                samples[name]["boot"].append(t_ping)
-                samples[name]["rtt"].append(dt)
-                _, dt = one_run(mk(guest, tmp), a.frames)
-                samples[name]["rate"].append((a.frames + 1) / dt)
+                if "rx" in parts:
+                    t_ping, dt = one_run(mk(guest, tmp), 0)
+                    samples[name]["boot"].append(t_ping)
+                    samples[name]["rtt"].append(dt)
+                    _, dt = one_run(mk(guest, tmp), a.frames)
+                    samples[name]["rate"].append((a.frames + 1) / dt)
+                if "tx" in parts:
+                    g, h, lost, dis = one_tx_run(mk, guest, tmp, a.tx_frames, a.tx_len)
+                    samples[name]["txg"].append(g)
+                    samples[name]["txh"].append(h)
+                    samples[name]["lost"].append(lost)
+                    samples[name]["disorder"].append(dis)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    cpu1, load1 = cpu_stat(), os.getloadavg()
+    busy = 100.0 * (1 - (cpu1[1] - cpu0[1]) / max(cpu1[0] - cpu0[0], 1))
     results = {}
     for name, smp in samples.items():
-        results[name] = {k: statistics.median(v) for k, v in smp.items()}
-        print(f"{name}: rate {sorted(int(r) for r in smp['rate'])} /s, rtt "
-              f"{[round(r * 1000, 2) for r in sorted(smp['rtt'])]} ms, spawn->PING "
-              f"{[round(b * 1000) for b in sorted(smp['boot'])]} ms", file=sys.stderr)
-    rows = [("host -> guest frames/s (%d frames)" % a.frames, "rate", "{:.0f}", False),
-            ("inject -> reply round trip (ms)", "rtt", "{:.2f}", True),
-            ("spawn -> guest's first frame (ms)", "boot", "{:.0f}", True)]
+        results[name] = {k: statistics.median(v) for k, v in smp.items() if v}
+        if "rx" in parts:
+            print(f"{name}: rate {sorted(int(r) for r in smp['rate'])} /s, rtt "
+                  f"{[round(r * 1000, 2) for r in sorted(smp['rtt'])]} ms, spawn->PING "
+                  f"{[round(b * 1000) for b in sorted(smp['boot'])]} ms", file=sys.stderr)
+        if "tx" in parts:
+            print(f"{name}: tx guest-timed {sorted(int(r) for r in smp['txg'])} /s, host-timed "
+                  f"{sorted(int(r) for r in smp['txh'])} /s, lost {smp['lost']}, "
+                  f"out of order {smp['disorder']}", file=sys.stderr)
+    print(f"machine: {os.cpu_count()} CPUs, {busy:.0f}% busy during the run, load average "
+          f"{load0[0]:.2f} before, {load1[0]:.2f} after", file=sys.stderr)
+    rows = []
+    if "rx" in parts:
+        rows += [("host -> guest frames/s (%d frames)" % a.frames, "rate", "{:.0f}", False),
+                 ("inject -> reply round trip (ms)", "rtt", "{:.2f}", True),
+                 ("spawn -> guest's first frame (ms)", "boot", "{:.0f}", True)]
+    if "tx" in parts:
+        rows += [("guest -> host frames/s, guest TSC (%d x %d B)" % (a.tx_frames, a.tx_len),
+                  "txg", "{:.0f}", False),
+                 ("guest -> host frames/s, host timestamps (%d x %d B)" % (a.tx_frames, a.tx_len),
+                  "txh", "{:.0f}", False)]
     py = results["stratovirt-py"]
     q = results.get("QEMU")
     print(f"| measurement (median of {a.reps}) | stratovirt-py | QEMU | stratovirt-py / QEMU |")
@@ -220,7 +368,11 @@ def main() -> int:
             print(f"| {label} | {fmt.format(pv)} | {fmt.format(qv)} | {pv / qv:.2f} |")
         else:
             print(f"| {label} | {fmt.format(pv)} | - | - |")
-    print("guest -> host frames/s: not measurable (the test guest sends one PING and one PONG)")
+    if "tx" in parts:
+        for name, r in results.items():
+            if r.get("lost") or r.get("disorder"):
+                print(f"{name}: median {r['lost']:.0f} of {a.tx_frames} frames lost, "
+                      f"{r['disorder']:.0f} out of order on the tap")
     return 0
 
 

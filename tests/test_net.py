@@ -27,6 +27,7 @@ pytestmark = pytest.mark.kvm
 
 MEM = "128"
 ETH_SV = 0x88B5
+ETH_BENCH = 0x88B6
 GUEST_MAC = "52:54:00:12:34:56"
 HOST_MAC = bytes.fromhex("020000000001")
 PACKET_OUTGOING = 4
@@ -85,12 +86,13 @@ def in_netns(ns, fn):
 
 
 class Wire:
-    """Raw frames of EtherType 0x88B5 on one tap, seen from the host."""
+    """Raw frames of EtherType 0x88B5 (or ``etype``) on one tap, seen from the host."""
 
-    def __init__(self, ns, ifname):
+    def __init__(self, ns, ifname, etype=ETH_SV):
         def make():
-            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_SV))
-            s.bind((ifname, ETH_SV))
+            s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(etype))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.bind((ifname, etype))
             return s
         self.sock = in_netns(ns, make)
         self.ifname = ifname
@@ -326,3 +328,30 @@ def test_net_hot_replace_over_qmp(kvm, netns, guest_elf, tmp_path):
     with NetVm(restored, tmp_path, ns=netns) as vm:
         vm.wait_for(r"^heartbeat \d+$")
         quit_vm(vm)
+
+
+def test_guest_to_host_burst(kvm, netns, guest_elf, tmp_path):
+    """``sv.netbench=tx,200,60``: 200 broadcast frames of EtherType 0x88B6, 16 in flight,
+    each carrying its big-endian sequence number; all reach the tap, in order."""
+    wire = Wire(netns, "svtap0", etype=ETH_BENCH)
+    args = vm_args(guest_elf, "ifname=svtap0")
+    args[args.index("-append") + 1] = "sv.netbench=tx,200,60 sv.hb=0"
+    try:
+        with NetVm(args, tmp_path, ns=netns) as vm:
+            vm.wait_for(rf"^netbench: mac {GUEST_MAC}$")
+            frames = [wire.recv() for _ in range(200)]
+            m = vm.wait_for(r"^netbench: tx 200 60 (\d+) (\d+)$")
+            assert int(m.group(1)) > 0 and int(m.group(2)) > 0
+            assert "netbench: errors" not in vm.output
+            for seq, f in enumerate(frames):
+                assert len(f) == 60
+                assert f[:6] == b"\xff" * 6 and f[6:12] == mac_bytes(GUEST_MAC)
+                assert int.from_bytes(f[12:14], "big") == ETH_BENCH
+                assert int.from_bytes(f[14:18], "big") == seq
+                assert f[18:] == bytes(42)
+            with pytest.raises((AssertionError, TimeoutError)):     # nothing more
+                wire.recv(timeout=0.3)
+            quit_vm(vm)
+            assert vm.stderr == "", vm.stderr
+    finally:
+        wire.close()
