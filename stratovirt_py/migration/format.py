@@ -77,7 +77,8 @@ from .memfile import CHECKSUM_NAME, CHUNK_SIZE, ENTRY, SnapshotCancelled, chunk_
 
 __all__ = [
     "FORMAT_VERSION", "MAGIC", "SnapshotCancelled", "Template", "VerifyReport", "WriteReport",
-    "host_arch", "host_cpu_vendor", "read_template", "verify_template", "write_template",
+    "host_arch", "host_cpu_vendor", "read_template", "stamp_template", "verify_template",
+    "write_template",
 ]
 
 MAGIC = b"SVPYSNAP"
@@ -416,6 +417,17 @@ def write_template(dir: str, header_info: Mapping[str, Any], sections: Mapping[s
                        data_bytes=mstats.data_bytes, state_size=len(state),
                        memory_seconds=mstats.seconds, seconds=time.perf_counter() - t0,
                        stamped=stamped)
+
+
+def stamp_template(dir: str, template_id: str = "") -> bool:
+    """Record a template just written with ``stamp=False`` in the verification cache.
+
+    Waits (~20 ms) until its file timestamps can no longer be confused with a later
+    change: callers run it off their critical path.
+    """
+    state_path = os.path.realpath(os.path.join(dir, STATE_NAME))
+    mem_path = os.path.realpath(os.path.join(dir, MEMORY_NAME))
+    return _stamp_files(state_path, mem_path, wait=True, note={"template_id": template_id})
 
 
 def _stamp_files(state_path: str, mem_path: str, *, wait: bool, note: Optional[dict] = None,

@@ -83,7 +83,7 @@ class SnapshotJob:
                 self._thread.join(30)
 
     def _run(self, path: str) -> None:
-        from .format import SnapshotCancelled, write_template
+        from .format import SnapshotCancelled, stamp_template, write_template
         t0 = time.perf_counter()
         try:
             self.status = "active"
@@ -93,10 +93,14 @@ class SnapshotJob:
             sections = collect_sections(self.vmm)
             header = {"kvm_api_version": self.vmm.kvm.api_version,
                       "vm_name": self.vmm.cfg.name or ""}
-            write_template(path, header, sections, self.vmm.memory, cancel=self._cancel)
+            # The verification-cache stamp waits for file timestamps to settle; it is
+            # written after "completed" so that the snapshot does not wait for it.
+            report = write_template(path, header, sections, self.vmm.memory,
+                                    cancel=self._cancel, stamp=False)
             self.total_time_ms = int((time.perf_counter() - t0) * 1000)
             self.status = "completed"
             log.info("snapshot written to %s in %d ms", path, self.total_time_ms)
+            stamp_template(path, report.template_id)
         except SnapshotCancelled:
             self.status = "cancelled"
             self.error = "the snapshot was cancelled"

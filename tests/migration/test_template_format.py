@@ -769,3 +769,14 @@ def test_resnapshot_into_the_template_it_runs_from(tmp_path, guest):
             m.close()
     finally:
         vm.close()
+
+
+def test_stamp_after_write(tmp_path, guest):
+    """A template written with stamp=False is fully verified once; stamp_template()
+    (what a snapshot does after reporting completed) makes the next read use the cache."""
+    from stratovirt_py.migration.format import stamp_template
+    d = tmp_path / "late"
+    report = write(d, guest, stamp=False)
+    assert not report.stamped
+    assert stamp_template(str(d), report.template_id)
+    assert read_template(str(d)).verified == "cache"
