@@ -62,7 +62,7 @@ class Vm:
 
     def wait_mark(self, name: str, timeout: float = 60) -> float:
         with self._cond:
-            ok = self._cond.wait_for(lambda: name in self.marks or self.proc.poll() is not None, timeout)
+            self._cond.wait_for(lambda: name in self.marks or self.proc.poll() is not None, timeout)
             if name not in self.marks:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.poll() is not None else ""
                 raise RuntimeError(f"guest never printed its {name} (rc={self.proc.poll()}) {err}")

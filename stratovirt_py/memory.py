@@ -13,7 +13,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 from .errors import GuestMemoryError
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 from .devices.bus import Bus
 from .kvm import KvmError, Vcpu

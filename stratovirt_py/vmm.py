@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from .config import VmConfig
 from .devices.bus import Bus
-from .errors import ConfigError, VmmError
+from .errors import VmmError
 from .kvm import Kvm, Vm
 from .memory import GuestMemory
 from .vcpu_thread import VcpuGroup
@@ -20,7 +20,7 @@ GUEST_REASONS = {"guest-reset", "guest-shutdown", "guest-panic"}
 
 
 class Vmm:
-    """Built by ``builder.build_vmm``; implements ``qmp.machine.MachineControl``."""
+    """Built by ``builder.create_vm`` (for boot or restore); implements ``qmp.machine.MachineControl``."""
 
     def __init__(self, cfg: VmConfig, kvm: Kvm, vm: Vm, memory: GuestMemory, events: Any):
         self.cfg = cfg
@@ -56,8 +56,7 @@ class Vmm:
             self.iothread.start()
         if self.restored_from is not None:
             for slot in self.virtio_slots:
-                if slot.transport is not None:
-                    slot.transport.resume_after_restore()
+                slot.transport.resume_after_restore()
         self.group.start()
         if paused:
             self.run_state = "paused"
@@ -122,8 +121,7 @@ class Vmm:
             self.run_state = "running"
             # A snapshot drains (and so pauses) the devices; they go on with the vCPUs.
             for slot in self.virtio_slots:
-                if slot.transport is not None:
-                    slot.transport.resume()
+                slot.transport.resume()
             self.group.resume()
             self.events.emit("RESUME")
 

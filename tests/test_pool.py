@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vmtools import VmProcess, run_cli
+from vmtools import VmProcess
 
 pytestmark = pytest.mark.kvm
 

@@ -1,7 +1,6 @@
 """Templates and warm start with real guests: snapshot, restore, and every refusal."""
 
 import hashlib
-import json
 import os
 import re
 import shutil

@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, List, Optional
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Optional
 
 from ..errors import SnapshotError
 

@@ -175,4 +175,4 @@ def add_virtio_devices(vmm) -> None:
         raise
     for index, driver, dev_id, device in made:
         vmm.virtio_slots.append(plug(vmm, index, driver, dev_id, device))
-    vmm.cleanups.append(lambda: [s.transport.close() for s in vmm.virtio_slots if s.transport])
+    vmm.cleanups.append(lambda: [s.transport.close() for s in vmm.virtio_slots])

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import List
+from typing import TYPE_CHECKING, List
 
 from .errors import KvmError
 from .ioctls import ffi, ioctl, lib
+
+if TYPE_CHECKING:
+    from .vm import Vm
 
 KVM_PATH = "/dev/kvm"
 

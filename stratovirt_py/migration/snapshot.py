@@ -8,7 +8,6 @@ template appear atomically.  ``query-migrate`` follows ``status``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -88,8 +87,7 @@ class SnapshotJob:
         try:
             self.status = "active"
             for slot in self.vmm.virtio_slots:
-                if slot.transport is not None:
-                    slot.transport.drain()
+                slot.transport.drain()
             sections = collect_sections(self.vmm)
             header = {"kvm_api_version": self.vmm.kvm.api_version,
                       "vm_name": self.vmm.cfg.name or ""}
