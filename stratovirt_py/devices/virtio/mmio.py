@@ -387,10 +387,9 @@ class MmioTransport:
         if index >= len(self.queues):
             log.debug("%s: notify for absent queue %d", self.name, index)
             return
-        if self.iothread is not None:
-            os.eventfd_write(self._eventfds[index], 1)
-        else:
-            self.process_queue(index)
+        # Queued on the I/O thread in order with its other work (so IoThread.sync()
+        # sees it done), as a kick through the ioeventfd would be processed there.
+        self._schedule(index)
 
     @property
     def active(self) -> bool:
