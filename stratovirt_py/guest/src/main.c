@@ -122,6 +122,16 @@ __attribute__((noreturn)) void guest_main(u32 kind, u64 ptr)
 
     virtio_main();
 
+    /* sv.initwork=<ms>: busy work standing in for an application's start-up (a
+     * template taken after it lets clones skip it). */
+    u64 work = param_u64("sv.initwork", 0);
+    if (work) {
+        u64 end = rdtsc() + ms_to_tsc(work);
+        while ((i64)(rdtsc() - end) < 0)
+            cpu_relax();
+        kprintf("initwork: done after %lu ms\n", work);
+    }
+
     u64 hb = param_u64("sv.hb", 100);
     u64 hbmax = param_u64("sv.hbmax", 0);
     if (hb == 0) {
