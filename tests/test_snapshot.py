@@ -312,3 +312,44 @@ def test_failed_snapshot_keeps_previous_template(kvm, guest_elf, tmp_path):
             vm.wait_for(rf"^heartbeat {at + 1}$")
     finally:
         subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_snapshot_restore_smp(kvm, guest_elf, tmp_path):
+    """Every vCPU's state goes into the template: a 2-vCPU guest (AP halted) restores."""
+    tpl = tmp_path / "tpl"
+    args = ["-m", MEM, "-smp", "2", "-kernel", str(guest_elf), "-append", "sv.smp sv.hb=20"]
+    with VmProcess(args, tmp_path) as vm:
+        vm.wait_for(r"^smp: 2 cpus online$", timeout=60)
+        vm.wait_for(r"^heartbeat 2$")
+        q = vm.qmp()
+        q.cmd("migrate", uri=f"file:{tpl}")
+        assert wait_migrate(q)["status"] == "completed"
+        at = int(re.findall(r"^heartbeat (\d+)$", vm.output, re.M)[-1])
+        q.cmd("quit")
+    with VmProcess(args + ["-incoming", f"file:{tpl}"], tmp_path) as vm:
+        vm.wait_for(rf"^heartbeat {at + 2}$")
+        q = vm.qmp()
+        assert len(q.cmd("query-cpus")["return"]) == 2
+        q.cmd("quit")
+        assert vm.wait() == 0
+
+
+@pytest.mark.parametrize("same_dir", [False, True])
+def test_snapshot_of_a_restored_vm(kvm, template, guest_elf, tmp_path, same_dir):
+    """A clone can itself become a template (into a new directory, or replacing the one
+    it was restored from while it still maps it)."""
+    tpl, at = template
+    src = _copy(tpl, tmp_path / "src")
+    dst = src if same_dir else tmp_path / "dst"
+    with VmProcess(hb_args(guest_elf) + ["-incoming", f"file:{src}"], tmp_path) as vm:
+        vm.wait_for(rf"^heartbeat {at + 3}$")
+        q = vm.qmp()
+        q.cmd("migrate", uri=f"file:{dst}")
+        assert wait_migrate(q)["status"] == "completed"
+        at2 = int(re.findall(r"^heartbeat (\d+)$", vm.output, re.M)[-1])
+        q.cmd("cont")
+        vm.wait_for(rf"^heartbeat {at2 + 2}$")       # still running on its old mapping
+        q.cmd("quit")
+    with VmProcess(hb_args(guest_elf) + ["-incoming", f"file:{dst}"], tmp_path) as vm:
+        vm.wait_for(rf"^heartbeat {at2 + 1}$")
+        assert int(re.findall(r"^heartbeat (\d+)$", vm.output, re.M)[0]) == at2 + 1
