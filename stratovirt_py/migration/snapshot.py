@@ -2,7 +2,7 @@
 
 The QMP thread validates the request and pauses the VM (``STOP`` goes out before
 the reply); a worker thread drains the block devices, collects every component's
-state and hands it with guest RAM to ``format.write_template``, which makes the
+state and hands it with guest RAM to ``writer.write_template``, which makes the
 template appear atomically.  ``query-migrate`` follows ``status``.
 """
 
@@ -82,7 +82,7 @@ class SnapshotJob:
                 self._thread.join(30)
 
     def _run(self, path: str) -> None:
-        from .format import SnapshotCancelled, stamp_template, write_template
+        from .writer import SnapshotCancelled, stamp_template, write_template
         t0 = time.perf_counter()
         try:
             self.status = "active"

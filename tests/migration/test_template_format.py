@@ -15,7 +15,7 @@ from tplhelpers import MiB, memory_bytes, rewrite_state
 from stratovirt_py.errors import SnapshotError
 from stratovirt_py.memory import GuestMemory
 from stratovirt_py.migration import format as fmt
-from stratovirt_py.migration import memfile, vcache
+from stratovirt_py.migration import memfile, vcache, writer
 from stratovirt_py.migration.format import (
     SnapshotCancelled, read_template, verify_template, write_template)
 
@@ -487,7 +487,7 @@ def test_crash_leftovers_are_ignored_then_removed(tmp_path, guest):
     before = listing(d)
     # a "crash": the writer dies without cleaning up
     with pytest.MonkeyPatch.context() as mp, fail_after("replace", 0, OSError(errno.EIO, "crash")):
-        mp.setattr(fmt, "_remove", lambda path: None)
+        mp.setattr(writer, "_remove", lambda path: None)
         with pytest.raises(SnapshotError):
             write(d, guest)
     assert len(listing(d)) == len(before) + 2  # a generation and a temporary symlink
