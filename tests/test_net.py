@@ -7,18 +7,17 @@ namespace) sees what the guest sends and injects what the guest should receive. 
 leaves the namespace: the taps have no other link.
 """
 
-import ctypes
 import os
 import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import uuid
 
 import pytest
 
+from nettools import in_netns
 from vmtools import VmProcess, run_cli, stratovirt_cmd
 
 from stratovirt_py.devices.virtio.net import default_mac, format_mac
@@ -31,8 +30,6 @@ ETH_BENCH = 0x88B6
 GUEST_MAC = "52:54:00:12:34:56"
 HOST_MAC = bytes.fromhex("020000000001")
 PACKET_OUTGOING = 4
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 # -- the namespace and its taps ----------------------------------------------------------------
@@ -60,29 +57,6 @@ def netns(request):
         _ip("ip", "tuntap", "add", tap, "mode", "tap", ns=name)
         _ip("ip", "link", "set", tap, "up", ns=name)
     return name
-
-
-def in_netns(ns, fn):
-    """Run ``fn`` on a thread that joined ``ns``: sockets and taps it opens live there."""
-    out = {}
-
-    def run():
-        try:
-            fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), "setns")
-            finally:
-                os.close(fd)
-            out["v"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
-            out["e"] = e
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "e" in out:
-        raise out["e"]
-    return out["v"]
 
 
 class Wire:

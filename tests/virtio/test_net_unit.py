@@ -2,16 +2,15 @@
 frame boundaries like a tap fd), plus the tap backend's checks and errors on real
 /dev/net/tun fds (the ones that create interfaces run inside a throw-away netns)."""
 
-import ctypes
 import os
 import socket
 import struct
 import subprocess
-import threading
 import time
 import uuid
 
 import pytest
+from nettools import in_netns
 
 from stratovirt_py.config import DeviceConfig, NetdevConfig, VmConfig
 from stratovirt_py.devices import tap as T
@@ -582,8 +581,6 @@ def test_open_rejects_bad_names():
             T.Tap.open("n0", name)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-CLONE_NEWNET = 0x40000000
 
 
 def _need_netns():
@@ -604,29 +601,6 @@ def netns():
                     "net.ipv6.conf.default.disable_ipv6=1"], capture_output=True)
     yield name
     subprocess.run(["ip", "netns", "del", name])
-
-
-def in_netns(name, fn):
-    """Run ``fn`` on a thread that has joined netns ``name`` (fds it opens stay there)."""
-    out = {}
-
-    def run():
-        fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
-        try:
-            if _libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-        finally:
-            os.close(fd)
-        try:
-            out["v"] = fn()
-        except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
-            out["e"] = e
-    t = threading.Thread(target=run)
-    t.start()
-    t.join()
-    if "e" in out:
-        raise out["e"]
-    return out["v"]
 
 
 def test_real_tap_open_attach_and_errors(netns):
