@@ -60,10 +60,22 @@ def create_vm(cfg: VmConfig, events: Any, memory: Optional[GuestMemory] = None) 
     return vmm
 
 
+def _serial_backend(vmm: Vmm):
+    """The chardev behind COM1 (``-serial``)."""
+    from .devices.chardev import CharBackend, backend_for, create_chardev
+    s = vmm.cfg.serial
+    if s.kind == "chardev":
+        return backend_for(vmm, s.chardev)
+    if s.kind == "none":
+        return CharBackend("serial0")
+    backend = create_chardev(s.kind, "serial0", s.path, server=True, nowait=True)
+    vmm.cleanups.append(backend.close)
+    return backend
+
+
 def _add_legacy_devices(vmm: Vmm) -> None:
-    from .devices.console_setup import serial_backend
     vm = vmm.vm
-    backend = serial_backend(vmm)
+    backend = _serial_backend(vmm)
     vmm.serial = Serial(backend.write, lambda level: vm.irq_line(layout.SERIAL_IRQ, level))
     backend.set_receiver(vmm.serial.enqueue_input)
     backend.attach(vmm.iothread)

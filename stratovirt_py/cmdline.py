@@ -291,8 +291,6 @@ class Parser:
             raise ConfigError("a QMP socket is required: add -qmp unix:PATH,server,nowait")
         if cfg.daemonize and cfg.serial.kind == "stdio":
             raise ConfigError("-serial stdio cannot be used with -daemonize")
-        if cfg.pidfile and not cfg.daemonize:
-            pass  # StratoVirt writes the pidfile either way
         if cfg.incoming and cfg.incoming.kind != "file":
             raise ConfigError("live migration over unix/tcp is not supported; use -incoming file:DIR")
         refs = {"drive": cfg.drives, "netdev": cfg.netdevs, "rng": cfg.objects,

@@ -37,6 +37,7 @@ class Vmm:
         self.iothread = None
         self.virtio_slots: List = []  # devices.setup.VirtioSlot, in slot order
         self.fds: Dict[str, int] = {}
+        self.chardev_backends: Dict[str, Any] = {}   # -chardev id -> open backend
         self.kernel_cmdline_extra: List[str] = []   # virtio_mmio.device=... announcements
         self.run_state = "prelaunch"
         self.exit_code: Optional[int] = None
@@ -165,9 +166,6 @@ class Vmm:
         if self.migration is None:
             raise VmmError("snapshots are not available in this build")
         self.migration.start(uri)
-
-    def migrate_status(self) -> str:
-        return self.migration.status if self.migration is not None else "none"
 
     def migrate_info(self) -> dict:
         return self.migration.info() if self.migration is not None else {"status": "none"}

@@ -294,3 +294,12 @@ def test_terminal_mode_is_restored(kvm, guest_elf, tmp_path):
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_serial_on_a_named_chardev(kvm, guest_elf, tmp_path):
+    out = tmp_path / "com1.log"
+    with VmProcess(["-kernel", str(guest_elf), "-append", "sv.hbmax=1",
+                    "-chardev", f"file,id=com1,path={out}", "-serial", "chardev:com1"],
+                   tmp_path, serial=False) as vm:
+        assert vm.wait() == 0
+    assert out.read_text().startswith("SVGUEST v1 booted\n")

@@ -324,3 +324,14 @@ def create_chardev(kind: str, label: str, path: Optional[str] = None,
         return StdioBackend(label)
     raise DeviceError(f"chardev {label}: unsupported backend {kind!r} "
                       f"(use file, socket, pty or stdio)")
+
+
+def backend_for(vmm, chardev_id: str) -> CharBackend:
+    """The backend of ``-chardev id=...``, opened once per VM and closed with it."""
+    backends = vmm.chardev_backends
+    if chardev_id not in backends:
+        ch = vmm.cfg.chardevs[chardev_id]
+        backends[chardev_id] = create_chardev(ch.backend, ch.id, ch.path, server=ch.server,
+                                              nowait=ch.nowait)
+        vmm.cleanups.append(backends[chardev_id].close)
+    return backends[chardev_id]

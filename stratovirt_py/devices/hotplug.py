@@ -123,7 +123,7 @@ class Hotplug:
                 slot = free[0]
             dev = DeviceConfig(driver=driver, id=dev_id, props=props, slot=slot.index)
             from .setup import create_device
-            backend = create_device(cfg, dev)
+            backend = create_device(vmm, dev)
             self._replace(slot, backend)
             slot.id = dev_id
             cfg.devices.append(dev)

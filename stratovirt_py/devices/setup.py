@@ -65,8 +65,9 @@ class VirtioSlot:
         self.device.restore(dev_state)
 
 
-def create_device(cfg: VmConfig, dev: DeviceConfig):
+def create_device(vmm, dev: DeviceConfig):
     """The VirtioDevice for one ``-device``, or None for devices that live inside another."""
+    cfg = vmm.cfg
     p = dev.props
     if dev.driver in UNSUPPORTED:
         raise DeviceError(f"-device {dev.driver},id={dev.id}: {UNSUPPORTED[dev.driver]}")
@@ -85,14 +86,13 @@ def create_device(cfg: VmConfig, dev: DeviceConfig):
         return Rng(obj.props.get("filename", "/dev/random"), max_bytes=max_bytes,
                    period_ms=period, id=dev.id)
     if dev.driver == "virtio-serial-device":
-        from .chardev import CharBackend, create_chardev
+        from .chardev import CharBackend, backend_for
         from .virtio.console import Console
         ports = [d for d in cfg.devices if d.driver == "virtconsole"]
         if len(ports) > 1:
             raise ConfigError("only one virtconsole port per virtio-serial-device is supported")
         if ports:
-            ch = cfg.chardevs[ports[0].props["chardev"]]
-            backend = create_chardev(ch.backend, ch.id, ch.path, server=ch.server, nowait=ch.nowait)
+            backend = backend_for(vmm, ports[0].props["chardev"])
         else:
             backend = CharBackend(dev.id)
         return Console(backend, id=dev.id)
@@ -165,7 +165,7 @@ def add_virtio_devices(vmm) -> None:
     try:
         for index, dev in enumerate(layout_):
             if dev is not None:
-                made.append((index, dev.driver, dev.id, create_device(cfg, dev)))
+                made.append((index, dev.driver, dev.id, create_device(vmm, dev)))
             elif index < FIRST_OTHER_SLOT:
                 driver = "virtio-blk-device" if index < REPLACEABLE["virtio-net-device"][0] else "virtio-net-device"
                 made.append((index, driver, None, create_empty(driver, index)))

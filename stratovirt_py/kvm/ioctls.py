@@ -20,11 +20,9 @@ def ioctl(fd: int, request: int, arg: Any = 0, name: str = "") -> int:
     ``arg`` is an int or a cffi pointer.  cffi releases the GIL for the call, so a
     vCPU blocked in KVM_RUN does not hold up other threads.
     """
-    if isinstance(arg, int):
-        arg = ffi.cast("unsigned long", arg)
-    ret = lib.ioctl(fd, ffi.cast("unsigned long", request), arg)
+    ret, err = ioctl_ret(fd, request, arg)
     if ret < 0:
-        raise KvmError(name or f"ioctl {request:#x}", ffi.errno)
+        raise KvmError(name or f"ioctl {request:#x}", err)
     return ret
 
 

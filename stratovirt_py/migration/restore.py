@@ -46,8 +46,6 @@ def restore_vmm(cfg: VmConfig, events: Any):
     saved_cfg = template.section("config")
     compat.place_like(cfg, saved_cfg)
     compat.check(compat.describe(cfg), saved_cfg)
-    if template.mem_size != cfg.mem_size:
-        raise SnapshotError(f"template memory is {template.mem_size} bytes, -m is {cfg.mem_size}")
 
     memory = GuestMemory.from_file(template.memory_path, cfg.mem_size, mapped=cfg.incoming.mapped)
     vmm = create_vm(cfg, events, memory)

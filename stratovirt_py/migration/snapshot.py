@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from ..errors import ConfigError, SnapshotError, VmmError
 from . import compat
@@ -32,9 +32,8 @@ def parse_uri(uri: str) -> str:
     return path
 
 
-def collect_sections(vmm) -> Dict[str, Any]:
+def collect_sections(vmm, msr_indices: List[int]) -> Dict[str, Any]:
     """Every component's state; the vCPUs must be parked."""
-    msr_indices = saveable_msrs(vmm.kvm, vmm.vcpus[0])
     sections: Dict[str, Any] = {
         "config": (compat.VERSION, compat.describe(vmm.cfg)),
         "vm": (VmState.VERSION, save_vm(vmm.vm)),
@@ -53,6 +52,7 @@ class SnapshotJob:
         self.error: Optional[str] = None
         self.total_time_ms: Optional[int] = None
         self._cancel = threading.Event()
+        self._msr_indices: Optional[List[int]] = None
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
@@ -88,7 +88,10 @@ class SnapshotJob:
             self.status = "active"
             for slot in self.vmm.virtio_slots:
                 slot.transport.drain()
-            sections = collect_sections(self.vmm)
+            if self._msr_indices is None:
+                # One KVM_GET_MSRS per listed MSR to find the readable ones: once per VM.
+                self._msr_indices = saveable_msrs(self.vmm.kvm, self.vmm.vcpus[0])
+            sections = collect_sections(self.vmm, self._msr_indices)
             header = {"kvm_api_version": self.vmm.kvm.api_version,
                       "vm_name": self.vmm.cfg.name or ""}
             # The verification-cache stamp waits for file timestamps to settle; it is

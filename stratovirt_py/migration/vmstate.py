@@ -104,21 +104,17 @@ def restore_vcpu(vcpu: Vcpu, state: VcpuState) -> None:
 
 
 def _set_msrs_tolerant(vcpu: Vcpu, msrs: List[Tuple[int, int]]) -> None:
-    """KVM_SET_MSRS stops at the first MSR it refuses; skip that one and go on."""
-    while msrs:
+    """All at once; if KVM refuses one, one by one in the same order, skipping refusals."""
+    try:
+        vcpu.set_msrs(msrs)
+        return
+    except KvmError:
+        pass
+    for entry in msrs:
         try:
-            vcpu.set_msrs(msrs)
-            return
+            vcpu.set_msrs([entry])
         except KvmError:
-            pass
-        done = 0
-        for i, entry in enumerate(msrs):
-            try:
-                vcpu.set_msrs([entry])
-            except KvmError:
-                log.warning("vCPU %d: MSR %#x not restored", vcpu.index, entry[0])
-            done = i + 1
-        msrs = msrs[done:]
+            log.warning("vCPU %d: MSR %#x not restored", vcpu.index, entry[0])
 
 
 def save_vm(vm: Vm) -> VmState:

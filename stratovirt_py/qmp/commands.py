@@ -120,11 +120,7 @@ class Dispatcher:
         self.machine.migrate(args["uri"])
 
     def _query_migrate(self, args: Dict[str, Any], take_fd: FdSource) -> Dict[str, Any]:
-        # A machine that knows why a snapshot failed says so next to the status.
-        info = getattr(self.machine, "migrate_info", None)
-        if info is not None:
-            return info()
-        return {"status": self.machine.migrate_status()}
+        return self.machine.migrate_info()
 
     def _migrate_cancel(self, args: Dict[str, Any], take_fd: FdSource) -> None:
         self.machine.migrate_cancel()

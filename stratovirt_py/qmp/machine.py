@@ -48,8 +48,9 @@ class MachineControl(Protocol):
     def migrate(self, uri: str) -> None:
         """Start a snapshot to ``uri`` (``file:DIR``)."""
 
-    def migrate_status(self) -> str:
-        """"none" | "setup" | "active" | "completed" | "failed"."""
+    def migrate_info(self) -> Dict[str, Any]:
+        """query-migrate's reply: ``{"status": "none"|"setup"|"active"|"completed"|"failed"
+        |"cancelled"}``, with ``error-desc`` when it failed (StratoVirt reports "none", not {})."""
 
     def migrate_cancel(self) -> None:
         """Cancel a snapshot in progress."""

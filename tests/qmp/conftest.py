@@ -83,8 +83,8 @@ class FakeMachine:
             raise VmmError(f"Invalid uri: {uri}")
         self.migration = "completed"
 
-    def migrate_status(self) -> str:
-        return self.migration
+    def migrate_info(self) -> Dict[str, Any]:
+        return {"status": self.migration}
 
     def migrate_cancel(self) -> None:
         self.calls.append(("migrate_cancel",))
