@@ -124,7 +124,11 @@ class Hotplug:
             dev = DeviceConfig(driver=driver, id=dev_id, props=props, slot=slot.index)
             from .setup import create_device
             backend = create_device(vmm, dev)
-            self._replace(slot, backend)
+            try:
+                slot.transport.replace_backend(backend)
+            except BaseException:
+                backend.close()
+                raise
             slot.id = dev_id
             cfg.devices.append(dev)
         log.info("device %s plugged into virtio slot %d", dev_id, slot.index)
@@ -138,13 +142,7 @@ class Hotplug:
                     raise DeviceError(f"device '{dev_id}' cannot be removed (only virtio-blk and "
                                       "virtio-net devices are replaceable on microvm)")
                 raise VmmError(f"Failed to detach device: id {dev_id} not found")
-            self._replace(slot, None)
+            slot.transport.replace_backend(None)
             slot.id = None
             cfg.devices[:] = [d for d in cfg.devices if d.id != dev_id]
         vmm.events.emit("DEVICE_DELETED", {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"})
-
-    def _replace(self, slot, backend) -> None:
-        """Swap the slot device's backend under the transport lock, then tell the guest."""
-        with slot.transport._lock:
-            slot.device.replace_backend(backend)
-        slot.transport.config_changed()

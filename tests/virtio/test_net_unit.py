@@ -690,11 +690,11 @@ def test_empty_slot_then_replace_backend(mem, io):
         d.kick(0)
         io.sync()
         with pytest.raises(DeviceError, match="has no vnet header support"):
-            dev.replace_backend(N.Net(FakeTap(vnet_hdr=False), MAC, id="x"))
+            t.replace_backend(N.Net(FakeTap(vnet_hdr=False), MAC, id="x"))
         tap = FakeTap()
         taps.append(tap)
         gen = t.read(M.REG_CONFIG_GENERATION, 4)
-        dev.replace_backend(N.Net(tap, MAC, id="net1"))
+        t.replace_backend(N.Net(tap, MAC, id="net1"))
         assert t.read(M.CONFIG_SPACE, 8) == MAC + b"\x01\x00"
         assert t.read(M.REG_CONFIG_GENERATION, 4) != gen
         assert t.interrupt_status & M.INT_CONFIG_CHANGE
@@ -705,7 +705,7 @@ def test_empty_slot_then_replace_backend(mem, io):
         d.kick(1)
         assert b"out" in tap.peer.recv(4096)
         assert dev.save().mac == N.format_mac(MAC)
-        dev.replace_backend(None)                                          # device_del
+        t.replace_backend(None)                                          # device_del
         assert tap.fd == -1 and dev._watching == 0
         assert t.read(M.CONFIG_SPACE, 8) == bytes(8)
     finally:

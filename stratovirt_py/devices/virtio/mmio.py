@@ -455,6 +455,13 @@ class MmioTransport:
         if self.queues[index].needs_notification():
             self._raise_interrupt(INT_USED_BUFFER)
 
+    def replace_backend(self, backend) -> None:
+        """Hot-replace: the device swaps its backend under the transport lock (never while
+        it is processing a queue), then the driver is told its configuration changed."""
+        with self._lock:
+            self.device.replace_backend(backend)
+        self.config_changed()
+
     def config_changed(self) -> None:
         """The device changed its configuration space."""
         with self._lock:

@@ -32,7 +32,6 @@ slot again) and raises a configuration-change interrupt for the link status.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import re
@@ -192,27 +191,25 @@ class Net(VirtioDevice):
                 not (new.tap.vnet_hdr and new.tap.offloads_supported):
             raise DeviceError(f"netdev {new.tap.netdev_id}: tap {new.tap.ifname} has no vnet "
                               f"header support, which the device in this slot needs")
-        lock = getattr(self.transport, "_lock", None)
-        with lock if lock is not None else contextlib.nullcontext():
-            self._want_rx = self._tx_blocked = False
-            self._update_watch()                 # forget the old fd
-            old = self.tap
-            self._pending = self._restored_pending = None
-            if new is None:
-                self.tap, self.mac = None, None
-            else:
-                self.tap, self.mac = new.tap, new.mac
-                new.tap = None
-                new.close()
-            self._tap_dead = False
-            self._config = self._make_config()
-            if self.queues:
-                acked = self.acked_features
-                self._guest_csum = bool(acked & bit(VIRTIO_NET_F_GUEST_CSUM)) and self._vnet_hdr
-                self._set_tap_offloads(guest_offloads(acked))
-            if old is not None:
-                old.close()
-        self.config_changed()
+        # The transport holds its lock around this and announces the config change.
+        self._want_rx = self._tx_blocked = False
+        self._update_watch()                 # forget the old fd
+        old = self.tap
+        self._pending = self._restored_pending = None
+        if new is None:
+            self.tap, self.mac = None, None
+        else:
+            self.tap, self.mac = new.tap, new.mac
+            new.tap = None
+            new.close()
+        self._tap_dead = False
+        self._config = self._make_config()
+        if self.queues:
+            acked = self.acked_features
+            self._guest_csum = bool(acked & bit(VIRTIO_NET_F_GUEST_CSUM)) and self._vnet_hdr
+            self._set_tap_offloads(guest_offloads(acked))
+        if old is not None:
+            old.close()
         self.run_on_device(self._process_rx)     # start reading the new tap
 
     @property
