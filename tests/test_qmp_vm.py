@@ -64,11 +64,17 @@ def test_getfd_passes_a_descriptor(kvm, guest_elf, tmp_path):
     with VmProcess(["-kernel", str(guest_elf)], tmp_path) as vm:
         q = vm.qmp()
         r, w = os.pipe()
+        inode = os.fstat(r).st_ino
         msg = json.dumps({"execute": "getfd", "arguments": {"fdname": "fd-test"}}).encode() + b"\n"
         q.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
         assert q.reply() == {"return": {}}
         os.close(r)
         os.close(w)
+        # The VMM holds the descriptor under its name (netdev_add fd=fd-test would take it).
+        held = [os.readlink(f"/proc/{vm.proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{vm.proc.pid}/fd")]
+        assert f"pipe:[{inode}]" in held
+        r = q.cmd("getfd", fdname="no-fd")
+        assert "error" in r                  # an fd must come with the request
         q.cmd("quit")
 
 
