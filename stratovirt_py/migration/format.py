@@ -61,19 +61,23 @@ Every refusal is a ``SnapshotError`` with one message for the user.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import stat
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from ..record import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+    ProgressFn = Callable[[str, int, int], None]
 
 from .. import __version__
 from ..errors import SnapshotError
 from ..memory import PAGE_SIZE, ram_layout
+from .. import jsonread
 from . import codec, memfile, vcache
+from .digest import sha256
 from .memfile import CHECKSUM_NAME, CHUNK_SIZE, ENTRY, SnapshotCancelled, chunk_count
 
 __all__ = [
@@ -95,7 +99,6 @@ LOCK_NAME = ".lock"
 GEN_PREFIX = "gen-"
 TMP_PREFIX = ".tmp-"
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 def _utc_iso(seconds: float) -> str:
@@ -125,7 +128,7 @@ def host_cpu_vendor() -> str:
 
 # -- results -----------------------------------------------------------------------
 
-@dataclass
+@record
 class Template:
     """A template that passed the checks of ``read_template``."""
 
@@ -160,7 +163,7 @@ class Template:
                    if ENTRY.unpack_from(self.memory_table, i)[1] == 0)
 
 
-@dataclass
+@record
 class WriteReport:
     dir: str
     template_id: str
@@ -172,7 +175,7 @@ class WriteReport:
     stamped: bool
 
 
-@dataclass
+@record
 class VerifyReport:
     dir: str
     template_id: str
@@ -241,10 +244,10 @@ def _parse_state(blob: bytes, path: str) -> Tuple[Dict[str, Any], memoryview]:
     if PREAMBLE.size + hlen + DIGEST_LEN > total:
         raise _malformed(path, "header length out of range")
     view = memoryview(blob)
-    if hashlib.sha256(view[:total - DIGEST_LEN]).digest() != blob[total - DIGEST_LEN:]:
+    if sha256(view[:total - DIGEST_LEN]).digest() != blob[total - DIGEST_LEN:]:
         raise _malformed(path, "checksum mismatch")
     try:
-        header = json.loads(bytes(view[PREAMBLE.size:PREAMBLE.size + hlen]))
+        header = jsonread.loads(bytes(view[PREAMBLE.size:PREAMBLE.size + hlen]))
     except (ValueError, RecursionError) as e:
         raise _malformed(path, f"bad header ({e})") from None
     if not isinstance(header, dict):

@@ -8,9 +8,9 @@ take the QMP thread down.
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
+from ..logs import get_logger
+from ..record import record
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import VmmError
@@ -18,13 +18,13 @@ from . import schema
 from .machine import MachineControl
 from .protocol import CommandNotFound, QmpInputError, Request, error_reply, version_info
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Returns the oldest file descriptor the client passed with SCM_RIGHTS, or None.
 FdSource = Callable[[], Optional[int]]
 
 
-@dataclass
+@record
 class Outcome:
     """A reply, and what to run once that reply has reached the client."""
 

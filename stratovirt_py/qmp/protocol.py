@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from ..record import field, record
 from typing import Any, Dict, List, Optional, Union
 
 from ..errors import VmmError
@@ -184,7 +184,7 @@ class MessageSplitter:
 
 # --------------------------------------------------------------------------- requests
 
-@dataclass
+@record
 class Request:
     """A syntactically valid QMP command (arguments not yet checked)."""
 

@@ -11,13 +11,13 @@ are covered by tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 from typing import Any, Dict, Mapping, Union
 
 from .protocol import QmpInputError
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Arg:
     """One argument: its JSON type (or a nested schema) and whether it is required."""
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import array
 import collections
-import logging
 import os
 import select
 import selectors
@@ -34,6 +33,7 @@ import threading
 import time
 from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..logs import get_logger
 from ..errors import ConfigError
 from .address import QmpAddress, parse_qmp_address
 from .commands import Dispatcher
@@ -43,7 +43,7 @@ from .protocol import (GREETING_LINE, MAX_MESSAGE_BYTES, MessageSplitter, QmpInp
                        RequestError, TooLong, describe, encode, error_reply, parse_request,
                        safe_encode)
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 RECV_SIZE = 64 * 1024
 BATCH = 32                         # messages of one client per loop turn
