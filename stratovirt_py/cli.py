@@ -101,16 +101,25 @@ def _pin_on_pvm() -> None:
 
 def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None) -> int:
     _pin_on_pvm()
+    # Listening first: a client that connects during the restore waits, and is served.
+    from .qmp.address import parse_qmp_address
+    from .qmp.listen import bind_all
+    listeners = bind_all([parse_qmp_address(a) for a in cfg.qmp])
     from .qmp.events import EventBus
     from .vcpu_thread import install_kick_handler
     install_kick_handler()
     events = EventBus()
-    if cfg.incoming is not None:
-        from .migration.restore import restore_vmm
-        vmm = restore_vmm(cfg, events)
-    else:
-        from .builder import boot_vmm
-        vmm = boot_vmm(cfg, events)
+    try:
+        if cfg.incoming is not None:
+            from .migration.restore import restore_vmm
+            vmm = restore_vmm(cfg, events)
+        else:
+            from .builder import boot_vmm
+            vmm = boot_vmm(cfg, events)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
     if cfg.pidfile:
         try:
             with open(cfg.pidfile, "w") as f:
@@ -131,7 +140,7 @@ def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None)
     vmm.start(paused=cfg.start_paused)
     logs.start()
     from .qmp.server import QmpServer
-    server = QmpServer(vmm, events, cfg.qmp)
+    server = QmpServer(vmm, events, cfg.qmp, listeners)
     try:
         server.start()
     except VmmError:
