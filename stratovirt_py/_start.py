@@ -18,7 +18,7 @@ def _paths() -> None:
     sys.path[:0] = [p for p in (parent, site) if p not in sys.path]
 
 
-_paths()
-from stratovirt_py.cli import main  # noqa: E402
-
-main(sys.argv[1:])
+if __name__ == "__main__":
+    _paths()
+    from stratovirt_py.cli import main
+    main(sys.argv[1:])

@@ -147,6 +147,9 @@ def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None)
         vmm.shutdown()
         raise
     vmm.cleanups.append(server.close)
+    stamp = getattr(vmm.restored_from, "pending_stamp", None)
+    if stamp is not None:       # verification bookkeeping, once the guest and QMP run
+        stamp()
     log.info("VM %s started (%d vCPUs, %d MiB)", cfg.name or "", cfg.nr_cpus, cfg.mem_size >> 20)
     if on_started is not None:
         on_started(vmm)

@@ -144,6 +144,9 @@ class Template:
     memory_allocated: int = 0  # bytes of disk the memory file uses
     memory_table: bytes = field(default=b"", repr=False)
     verify_stats: Optional[memfile.MemoryVerifyStats] = field(default=None, repr=False)
+    # After a full verification: writes the verification-cache stamp.  read_template
+    # runs it, unless asked (stamp_later) to leave it to the caller, off the critical path.
+    pending_stamp: Optional[Callable[[], bool]] = field(default=None, repr=False)
 
     @property
     def template_id(self) -> str:
@@ -327,7 +330,7 @@ def _read_all(fd: int, size_hint: int) -> bytes:
 def read_template(dir: str, *, verify: Union[bool, str] = True,
                   supported: Optional[Mapping[str, int]] = None, check_host: bool = True,
                   kvm_api_version: Optional[int] = None, mem_size: Optional[int] = None,
-                  progress: Optional[ProgressFn] = None) -> Template:
+                  progress: Optional[ProgressFn] = None, stamp_later: bool = False) -> Template:
     """Read and check the template in ``dir`` (see the module docstring)."""
     if verify not in (True, False, "full"):
         raise ValueError("verify must be True, False or 'full'")
@@ -335,8 +338,12 @@ def read_template(dir: str, *, verify: Union[bool, str] = True,
     for attempt in range(3):
         gen = _current_generation(dir)
         try:
-            return _read_template(dir, verify, supported, check_host, kvm_api_version,
-                                  mem_size, progress)
+            t = _read_template(dir, verify, supported, check_host, kvm_api_version,
+                               mem_size, progress)
+            if t.pending_stamp is not None and not stamp_later:
+                t.pending_stamp()
+                t.pending_stamp = None
+            return t
         except _Vanished:
             # A writer may have switched `current` and removed the generation we
             # were reading: read the new one.
@@ -450,8 +457,9 @@ def _read_template(dir: str, verify: Union[bool, str], supported: Optional[Mappi
         else:
             t.verify_stats = memfile.verify_memory(mem_path, size, table, progress=progress)
             t.verified = "full"
-            _stamp_files(state_path, mem_path, wait=False, key=key, key_time_ns=key_time_ns,
-                         note={"template_id": t.template_id})
+            t.pending_stamp = functools.partial(
+                _stamp_files, state_path, mem_path, wait=False, key=key, key_time_ns=key_time_ns,
+                note={"template_id": t.template_id})
     return t
 
 

@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import re
 from ..record import field, record
-from typing import Any, Dict, List, Optional, Union
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict, List, Optional, Union
 
 from ..errors import VmmError
 

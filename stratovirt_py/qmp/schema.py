@@ -12,7 +12,11 @@ are covered by tests.
 from __future__ import annotations
 
 from ..record import record
-from typing import Any, Dict, Mapping, Union
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict, Mapping, Union
+    Schema = Mapping[str, Arg]
 
 from .protocol import QmpInputError
 
@@ -25,7 +29,6 @@ class Arg:
     required: bool = False
 
 
-Schema = Mapping[str, Arg]
 
 _TYPE_NAMES = {"str": "string", "int": "integer", "uint": "unsigned integer",
                "bool": "boolean", "list": "array", "object": "object"}

@@ -30,7 +30,11 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+    from .machine import MachineControl
 
 from ..logs import get_logger
 from ..errors import ConfigError
@@ -39,7 +43,6 @@ from .commands import Dispatcher
 from . import listen
 from .events import EventBus
 from .listen import Listener
-from .machine import MachineControl
 from .protocol import (GREETING_LINE, MAX_MESSAGE_BYTES, MessageSplitter, QmpInputError,
                        RequestError, TooLong, describe, encode, error_reply, parse_request,
                        safe_encode)
