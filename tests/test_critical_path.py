@@ -144,3 +144,30 @@ def test_kvm_pvm_data_planes_spread_over_cpus(kvm, guest_elf, tmp_path):
     finally:
         for vm in vms:
             vm.kill()
+
+
+def test_qmp_listens_before_the_guest_runs_and_serves_early_clients(kvm, guest_elf, tmp_path):
+    """The QMP socket is bound before the VM is built: a client that connects while the
+    restore is under way waits in the backlog and gets its greeting, never a refusal."""
+    import socket
+    import time
+    from vmtools import QmpClient, VmProcess
+    tpl = tmp_path / "tpl"
+    take_template(guest_elf, tmp_path, tpl)
+    vm = VmProcess(hb_args(guest_elf) + ["-incoming", f"file:{tpl}"], tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(vm.qmp_path):
+            assert time.monotonic() < deadline, "no QMP socket"
+            time.sleep(0.0002)
+        seen_running = "heartbeat" in vm.output
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(vm.qmp_path)          # a refusal would raise here
+        s.close()
+        assert not seen_running, "the QMP socket appeared only after the guest ran"
+        q = QmpClient(vm.qmp_path)
+        assert q.cmd("query-status")["return"]["status"] == "running"
+        q.cmd("quit")
+        assert vm.wait() == 0
+    finally:
+        vm.kill()
