@@ -151,7 +151,7 @@ def test_user_limits_cwd_umask_and_environment(kvm, guest_elf, tmp_path, pool):
                 pid = vm_pid(work)
             except AssertionError:
                 raise AssertionError(vm.stderr) from None
-            assert pid != vm.proc.pid
+            assert pid != vm.proc.pid, vm.stderr
             status = proc_status(pid)
             assert status["Uid"].split() == [str(uid)] * 4
             assert status["Gid"].split() == [str(gid)] * 4

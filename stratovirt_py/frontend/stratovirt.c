@@ -2,10 +2,11 @@
  * stratovirt: the native front end of stratovirt-py.
  *
  * A warm start must not pay for an interpreter twice.  This program hands the
- * request (command line, environment, file descriptors and the identity of this
- * process: namespaces, root, cwd, umask, rlimits, groups, CPU affinity, nice) to a
- * running stratovirt-pool, which forks the VM from a warm interpreter and makes it
- * live where this process lives.  This process then stands in for the VM: signals
+ * request (command line, environment, file descriptors) to a running
+ * stratovirt-pool, which forks the VM from a warm interpreter and makes it live
+ * where this process lives: the pool reads this process's identity (namespaces,
+ * cgroups, root, cwd, user, limits...) from /proc/PID of the peer the kernel names,
+ * never from what the request claims.  This process then stands in for the VM: signals
  * are forwarded, the VM's exit status becomes ours, and when we die (SIGKILL, as
  * Kata stops StratoVirt) the pool child sees the connection close and ends the VM.
  *
@@ -26,13 +27,11 @@
 #include <glob.h>
 #include <limits.h>
 #include <poll.h>
-#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -49,10 +48,7 @@
 #define MAX_FDS 250             /* SCM_MAX_FD is 253 */
 #define REPLY_TIMEOUT_MS 10000
 
-enum {
-    T_ARG = 1, T_ENV, T_FD, T_CWD, T_ROOT, T_NS, T_UMASK, T_RLIMIT, T_GROUPS,
-    T_AFFINITY, T_NICE,
-};
+enum { T_ARG = 1, T_ENV, T_FD };
 
 struct buf { char *p; size_t len, cap; };
 
@@ -81,29 +77,16 @@ static void record(struct buf *b, uint32_t tag, const void *data, uint32_t n)
     put(b, data, n);
 }
 
-static void record_u32(struct buf *b, uint32_t tag, uint32_t v) { record(b, tag, &v, 4); }
-
-static int fds[MAX_FDS + 8];
+static int fds[MAX_FDS];
 static int nfds;
 
-static void add_fd(struct buf *b, uint32_t tag, int fd, const char *name)
+static void add_fd(struct buf *b, int fd)
 {
-    if (fd < 0 || nfds >= (int)(sizeof(fds) / sizeof(fds[0])))
+    if (nfds >= MAX_FDS)
         return;
-    char rec[64];
-    uint32_t index = (uint32_t)nfds;
+    uint32_t rec[2] = { (uint32_t)nfds, (uint32_t)fd };   /* index, and its number here */
     fds[nfds++] = fd;
-    memcpy(rec, &index, 4);
-    size_t n = 4;
-    if (tag == T_FD) {
-        uint32_t target = (uint32_t)fd;     /* its number here, and so in the VM */
-        memcpy(rec + 4, &target, 4);
-        n = 8;
-    } else if (name) {
-        n += strlen(name);
-        memcpy(rec + 4, name, n - 4);
-    }
-    record(b, tag, rec, (uint32_t)n);
+    record(b, T_FD, rec, sizeof(rec));
 }
 
 static void add_inherited_fds(struct buf *b, int exclude)
@@ -112,7 +95,7 @@ static void add_inherited_fds(struct buf *b, int exclude)
     if (!d) {
         for (int fd = 0; fd < 3; fd++)
             if (fcntl(fd, F_GETFD) >= 0)
-                add_fd(b, T_FD, fd, NULL);
+                add_fd(b, fd);
         return;
     }
     int self = dirfd(d);
@@ -127,45 +110,7 @@ static void add_inherited_fds(struct buf *b, int exclude)
     }
     closedir(d);
     for (int i = 0; i < n; i++)
-        add_fd(b, T_FD, list[i], NULL);
-}
-
-static void add_identity(struct buf *b)
-{
-    static const char *const ns[] = { "net", "ipc", "uts", "cgroup", "mnt" };
-    char path[64];
-    for (size_t i = 0; i < sizeof(ns) / sizeof(ns[0]); i++) {
-        snprintf(path, sizeof(path), "/proc/self/ns/%s", ns[i]);
-        add_fd(b, T_NS, open(path, O_RDONLY | O_CLOEXEC), ns[i]);
-    }
-    add_fd(b, T_ROOT, open("/", O_PATH | O_DIRECTORY | O_CLOEXEC), NULL);
-    add_fd(b, T_CWD, open(".", O_PATH | O_DIRECTORY | O_CLOEXEC), NULL);
-
-    mode_t mask = umask(0);
-    umask(mask);
-    record_u32(b, T_UMASK, (uint32_t)mask);
-    for (int r = 0; r < RLIM_NLIMITS; r++) {
-        struct rlimit rl;
-        if (getrlimit(r, &rl) == 0) {
-            uint64_t rec[3] = { (uint64_t)r, rl.rlim_cur, rl.rlim_max };
-            record(b, T_RLIMIT, rec, sizeof(rec));
-        }
-    }
-    gid_t groups[NGROUPS_MAX];
-    int ng = getgroups(NGROUPS_MAX, groups);
-    if (ng >= 0) {
-        uint32_t g32[NGROUPS_MAX];
-        for (int i = 0; i < ng; i++)
-            g32[i] = groups[i];
-        record(b, T_GROUPS, g32, (uint32_t)ng * 4);
-    }
-    cpu_set_t set;
-    if (sched_getaffinity(0, sizeof(set), &set) == 0)
-        record(b, T_AFFINITY, &set, sizeof(set));
-    errno = 0;
-    int32_t nice = getpriority(PRIO_PROCESS, 0);
-    if (errno == 0)
-        record(b, T_NICE, &nice, 4);
+        add_fd(b, list[i]);
 }
 
 static int send_request(int sock, struct buf *payload)
@@ -267,12 +212,7 @@ static int via_pool(const char *path, int argc, char **argv, char **envp)
         record(&b, T_ARG, argv[i], (uint32_t)strlen(argv[i]));
     for (char **e = envp; *e; e++)
         record(&b, T_ENV, *e, (uint32_t)strlen(*e));
-    int first_special = nfds;
-    add_identity(&b);
-
     int failed = send_request(sock, &b);
-    for (int i = first_special; i < nfds; i++)
-        close(fds[i]);
     free(b.p);
     char reply[8];
     int r = failed ? -1 : read_reply(sock, reply, REPLY_TIMEOUT_MS);

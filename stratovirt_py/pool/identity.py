@@ -9,6 +9,10 @@ namespaces, root and working directory, then limits, affinity, priority and umas
 and last the user and groups.  It must run while the process is single-threaded
 (setns into a mount namespace refuses a threaded process).
 
+Everything is read from /proc/PID of the launcher, whose pid, uid and gid the kernel
+gave (SO_PEERCRED), never taken from the request: a pool running as root must not
+let a launcher claim a group, a limit or a namespace it does not have.
+
 What it does not take: the launcher's pid and user namespaces (a process cannot
 enter those itself) and its capability sets; see docs/architecture.md.
 """
@@ -98,48 +102,86 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def enter_namespaces(namespaces: List[Tuple[str, int]]) -> None:
+def _open_own(pid: int, what: str, flags: int) -> Optional[int]:
+    try:
+        return os.open(f"/proc/{pid}/{what}", flags | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None         # this kernel has no such namespace
+    except OSError as e:
+        raise IdentityError(f"cannot read the launcher's {what}: {e.strerror}") from None
+
+
+def enter_namespaces(pid: int) -> None:
     libc = None
-    given = dict(namespaces)
     for kind in _NS_ORDER:
-        fd = given.get(kind)
+        fd = _open_own(pid, f"ns/{kind}", os.O_RDONLY)
         if fd is None:
             continue
         try:
             if _same_file(os.stat(f"/proc/self/ns/{kind}"), os.fstat(fd)):
                 continue
-        except OSError:
-            continue        # this kernel has no such namespace
-        libc = libc or _libc()
-        if libc.setns(fd, _NS_FLAGS[kind]) != 0:
-            err = ctypes.get_errno()
-            raise IdentityError(f"cannot enter the launcher's {kind} namespace: {os.strerror(err)}")
+            libc = libc or _libc()
+            if libc.setns(fd, _NS_FLAGS[kind]) != 0:
+                err = ctypes.get_errno()
+                raise IdentityError(f"cannot enter the launcher's {kind} namespace: {os.strerror(err)}")
+        finally:
+            os.close(fd)
 
 
-def enter_root_and_cwd(root: Optional[int], cwd: Optional[int]) -> None:
-    if root is not None and not _same_file(os.stat("/"), os.fstat(root)):
-        os.fchdir(root)
-        os.chroot(".")
-    if cwd is not None:
-        os.fchdir(cwd)
+def enter_root_and_cwd(pid: int) -> None:
+    # Both opened before either changes: /proc/PID/cwd resolves through the launcher's root.
+    root = _open_own(pid, "root", os.O_PATH | os.O_DIRECTORY)
+    cwd = _open_own(pid, "cwd", os.O_PATH | os.O_DIRECTORY)
+    try:
+        if root is not None and not _same_file(os.stat("/"), os.fstat(root)):
+            os.fchdir(root)
+            os.chroot(".")
+        if cwd is not None:
+            os.fchdir(cwd)
+    finally:
+        for fd in (root, cwd):
+            if fd is not None:
+                os.close(fd)
 
 
-def _set_limits(req: Request) -> None:
-    for res, cur, hard in req.rlimits:
+def _status(pid: int) -> Dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
+
+
+def _limits(pid: int) -> List[Tuple[int, int, int]]:
+    """(resource, soft, hard) from /proc/PID/limits, whose rows are in resource order.
+
+    (prlimit(2) on another process needs its exact uid and gid, or CAP_SYS_RESOURCE.)
+    """
+    def value(text: str) -> int:
+        return resource.RLIM_INFINITY if text == "unlimited" else int(text)
+    with open(f"/proc/{pid}/limits") as f:
+        rows = f.read().splitlines()[1:]
+    return [(res, value(row[26:].split()[0]), value(row[26:].split()[1]))
+            for res, row in enumerate(rows)]
+
+
+def _set_limits(pid: int) -> None:
+    try:
+        limits = _limits(pid)
+    except (OSError, ValueError, IndexError) as e:
+        raise IdentityError(f"cannot read the launcher's resource limits: {e}") from None
+    for res, soft, hard in limits:
         try:
-            if resource.getrlimit(res) != (cur, hard):
-                resource.setrlimit(res, (cur, hard))
+            if resource.getrlimit(res) != (soft, hard):
+                resource.setrlimit(res, (soft, hard))
         except (ValueError, OSError) as e:
             raise IdentityError(f"cannot take the launcher's resource limit {res}: {e}") from None
-    if req.affinity:
-        try:
-            os.sched_setaffinity(0, req.affinity)
-        except OSError as e:
-            raise IdentityError(f"cannot take the launcher's CPU affinity: {e.strerror}") from None
-    if req.nice is not None and os.getpriority(os.PRIO_PROCESS, 0) != req.nice:
-        os.setpriority(os.PRIO_PROCESS, 0, req.nice)
     try:
-        with open(f"/proc/{req.pid}/oom_score_adj") as f:
+        os.sched_setaffinity(0, os.sched_getaffinity(pid))
+        nice = os.getpriority(os.PRIO_PROCESS, pid)
+        if os.getpriority(os.PRIO_PROCESS, 0) != nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as e:
+        raise IdentityError(f"cannot take the launcher's CPU affinity or priority: {e.strerror}") from None
+    try:
+        with open(f"/proc/{pid}/oom_score_adj") as f:
             adj = f.read().strip()
         with open("/proc/self/oom_score_adj", "r+") as f:
             if f.read().strip() != adj:
@@ -149,24 +191,31 @@ def _set_limits(req: Request) -> None:
         pass                # best effort: a lower value needs privilege the pool may lack
 
 
-def _set_user(req: Request) -> None:
-    if req.groups is not None and sorted(os.getgroups()) != sorted(req.groups):
-        os.setgroups(req.groups)
-    if os.getresgid() != (req.gid,) * 3:
-        os.setresgid(req.gid, req.gid, req.gid)
-    if os.getresuid() != (req.uid,) * 3:
-        os.setresuid(req.uid, req.uid, req.uid)
+def _set_user(uid: int, gid: int, groups: List[int]) -> None:
+    if sorted(os.getgroups()) != sorted(groups):
+        os.setgroups(groups)
+    if os.getresgid() != (gid,) * 3:
+        os.setresgid(gid, gid, gid)
+    if os.getresuid() != (uid,) * 3:
+        os.setresuid(uid, uid, uid)
 
 
 def adopt(req: Request, mounts: Dict[str, str]) -> None:
     """Take the launcher's identity; raises IdentityError (nothing of the VM exists yet)."""
-    join_cgroups(req.pid, mounts)
-    enter_namespaces(req.namespaces)
-    enter_root_and_cwd(req.root, req.cwd)
-    _set_limits(req)
+    pid = req.pid
     try:
-        _set_user(req)
+        status = _status(pid)
+        groups = [int(g) for g in status.get("Groups", "").split()]
+        umask = int(status["Umask"], 8) if "Umask" in status else None
+    except (OSError, ValueError) as e:
+        raise IdentityError(f"cannot read the launcher's status: {e}") from None
+    join_cgroups(pid, mounts)
+    enter_namespaces(pid)
+    enter_root_and_cwd(pid)
+    _set_limits(pid)
+    try:
+        _set_user(req.uid, req.gid, groups)
     except OSError as e:
         raise IdentityError(f"cannot take the launcher's user {req.uid}:{req.gid}: {e.strerror}") from None
-    if req.umask is not None:
-        os.umask(req.umask)
+    if umask is not None:
+        os.umask(umask)

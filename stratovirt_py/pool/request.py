@@ -11,7 +11,6 @@ when the VM ends.
 from __future__ import annotations
 
 import array
-import os
 import socket
 import struct
 from typing import Dict, List, Optional, Tuple
@@ -24,7 +23,7 @@ RECORD = struct.Struct("=II")
 MAX_PAYLOAD = 4 << 20           # a command line and environment, with room to spare
 MAX_FDS = 253                   # the kernel's SCM_MAX_FD
 
-T_ARG, T_ENV, T_FD, T_CWD, T_ROOT, T_NS, T_UMASK, T_RLIMIT, T_GROUPS, T_AFFINITY, T_NICE = range(1, 12)
+T_ARG, T_ENV, T_FD = 1, 2, 3
 
 
 class RequestError(VmmError):
@@ -32,44 +31,21 @@ class RequestError(VmmError):
 
 
 class Request:
-    """What the launcher is: its command line, environment, descriptors and identity."""
+    """What the launcher asks for: its command line, environment and descriptors.
+
+    Who the launcher is (its pid, uid and gid) comes from the kernel (SO_PEERCRED),
+    and everything else about it is read from /proc/PID by ``identity``: nothing in
+    the request can claim a group, a limit or a namespace the launcher does not have.
+    """
 
     def __init__(self) -> None:
         self.argv: List[str] = []
         self.env: Dict[str, str] = {}
         self.fds: List[Tuple[int, int]] = []       # (received fd, number in the launcher)
-        self.namespaces: List[Tuple[str, int]] = []  # (kind, received fd)
-        self.root: Optional[int] = None
-        self.cwd: Optional[int] = None
-        self.umask: Optional[int] = None
-        self.rlimits: List[Tuple[int, int, int]] = []
-        self.groups: Optional[List[int]] = None
-        self.affinity: Optional[set] = None
-        self.nice: Optional[int] = None
         self.pid = 0                 # the launcher, from SO_PEERCRED
         self.uid = 0
         self.gid = 0
         self.received: List[int] = []   # every descriptor that came with the request
-
-    def close_unused(self) -> None:
-        used = {fd for fd, _ in self.fds}
-        for fd in self.received:
-            if fd not in used:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-
-
-def _u32(data: bytes) -> int:
-    if len(data) < 4:
-        raise RequestError("truncated record")
-    return struct.unpack_from("=I", data)[0]
-
-
-def _limit(value: int) -> int:
-    import resource
-    return resource.RLIM_INFINITY if value == (1 << 64) - 1 else value
 
 
 def _fd(received: List[int], index: int) -> int:
@@ -102,24 +78,6 @@ def parse(payload: bytes, received: List[int]) -> Request:
                 raise RequestError("bad descriptor record")
             index, target = struct.unpack("=II", data)
             req.fds.append((_fd(received, index), target))
-        elif tag == T_NS:
-            req.namespaces.append((data[4:].decode(), _fd(received, _u32(data))))
-        elif tag == T_ROOT:
-            req.root = _fd(received, _u32(data))
-        elif tag == T_CWD:
-            req.cwd = _fd(received, _u32(data))
-        elif tag == T_UMASK:
-            req.umask = _u32(data) & 0o777
-        elif tag == T_RLIMIT and length == 24:
-            res, cur, hard = struct.unpack("=QQQ", data)
-            req.rlimits.append((res, _limit(cur), _limit(hard)))
-        elif tag == T_GROUPS:
-            req.groups = list(array.array("I", data[:length - length % 4]))
-        elif tag == T_AFFINITY:
-            bits = int.from_bytes(data, "little")
-            req.affinity = {i for i in range(len(data) * 8) if bits >> i & 1}
-        elif tag == T_NICE and length == 4:
-            req.nice = struct.unpack("=i", data)[0]
         # unknown tags are skipped: a newer front end may say more
     return req
 
