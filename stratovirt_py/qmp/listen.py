@@ -76,10 +76,24 @@ def _bind_unix(address: QmpAddress) -> Listener:
             raise ConfigError(f"QMP socket path {path} exists and is not a socket")
         os.unlink(path)
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    # Bound under a temporary name and renamed once listening: a client that sees the
+    # path can connect, never meeting the moment between bind and listen (a refusal).
+    tmp = os.path.join(os.path.dirname(path), f".qmp-{os.getpid()}")
+    if len(os.fsencode(tmp)) >= 108 > len(os.fsencode(path)):
+        tmp = path          # no room in sun_path for the other name: bind in place
     try:
-        sock.bind(path)
-        os.chmod(path, 0o600)  # as StratoVirt: the monitor is the owner's only
-        sock.listen(BACKLOG)
+        try:
+            sock.bind(tmp)
+            os.chmod(tmp, 0o600)  # as StratoVirt: the monitor is the owner's only
+            sock.listen(BACKLOG)
+            if tmp != path:
+                os.rename(tmp, path)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
         ino = os.stat(path).st_ino
     except OSError as err:
         sock.close()
