@@ -3,6 +3,7 @@ life does not touch it: network and mount namespaces, cgroups, user, limits, cwd
 environment; a pool restarted under running VMs; a launcher that finds no pool, or a
 socket that is not a pool, runs the VM itself."""
 
+import contextlib
 import os
 import shutil
 import signal
@@ -75,37 +76,45 @@ def test_tap_by_name_inside_the_launchers_netns(kvm, netns, guest_elf, tmp_path,
         wire.close()
 
 
-def _cgroup_dirs():
-    """(cgroup.procs directory to create, the line /proc/PID/cgroup shows) per hierarchy here."""
-    out = []
+@contextlib.contextmanager
+def launcher_cgroup():
+    """A new cgroup in each writable hierarchy (v2, v1 pids): (its name, the prefix that
+    starts a command inside it); the cgroups are removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("creating cgroups needs root")
+    name = f"svtest-{uuid.uuid4().hex[:8]}"
+    made = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             pre, _, post = line.partition(" - ")
             point, fstype = pre.split()[4], post.split()[0]
             if fstype == "cgroup2" or (fstype == "cgroup" and ",pids" in "," + post.split()[2]):
-                out.append((fstype, point))
-    return out
-
-
-def test_vm_joins_the_launchers_cgroups(kvm, guest_elf, tmp_path, pool):
-    if os.geteuid() != 0:
-        pytest.skip("creating cgroups needs root")
-    made = []
-    name = f"svtest-{uuid.uuid4().hex[:8]}"
-    for _kind, point in _cgroup_dirs():
-        path = os.path.join(point, name)
-        try:
-            os.mkdir(path)
-        except OSError:
-            continue
-        made.append(path)
+                try:
+                    os.mkdir(os.path.join(point, name))
+                    made.append(os.path.join(point, name))
+                except OSError:
+                    pass
     if not made:
         pytest.skip("no writable cgroup hierarchy")
     procs = " ".join(f"{p}/cgroup.procs" for p in made)
     try:
-        script = f'for f in {procs}; do echo $$ > $f; done; exec "$@"'
+        yield name, ["sh", "-c", f'for f in {procs}; do echo $$ > $f; done; exec "$@"', "sh"]
+    finally:
+        for path in made:
+            deadline = time.monotonic() + 10
+            while os.path.exists(path):
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+
+
+def test_vm_joins_the_launchers_cgroups(kvm, guest_elf, tmp_path, pool):
+    with launcher_cgroup() as (name, prefix):
         with VmProcess(heartbeat_args(guest_elf, ["-pidfile", str(tmp_path / "vm.pid")]), tmp_path,
-                       env=pool.env, prefix=["sh", "-c", script, "sh"]) as vm:
+                       env=pool.env, prefix=prefix) as vm:
             pid = vm_pid(tmp_path)
             assert pid != vm.proc.pid
             with open(f"/proc/{vm.proc.pid}/cgroup") as f:
@@ -115,17 +124,6 @@ def test_vm_joins_the_launchers_cgroups(kvm, guest_elf, tmp_path, pool):
             assert f"/{name}\n" in launcher and theirs == launcher
             vm.wait_for(r"^heartbeat 2$")
             quit_vm(vm)
-    finally:
-        for path in made:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    os.rmdir(path)
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.05)
 
 
 def test_user_limits_cwd_umask_and_environment(kvm, guest_elf, tmp_path, pool):
@@ -238,7 +236,7 @@ def test_without_a_pool_the_launcher_runs_the_vm(kvm, guest_elf, tmp_path, behav
             srv.close()
 
 
-def test_pool_refuses_nothing_it_cannot_place(kvm, guest_elf, tmp_path):
+def test_a_vm_the_pool_cannot_place_runs_in_the_launcher(kvm, guest_elf, tmp_path):
     """A pool that cannot join the launcher's cgroup leaves the VM to the launcher."""
     if os.geteuid() != 0:
         pytest.skip("needs root")
@@ -255,36 +253,13 @@ def test_pool_refuses_nothing_it_cannot_place(kvm, guest_elf, tmp_path):
     try:
         assert proc.stdout.readline().strip() == "stratovirt-pool: ready"
         os.chmod(path, 0o666)
-        name = f"svtest-{uuid.uuid4().hex[:8]}"
-        made = []
-        for _kind, point in _cgroup_dirs():
-            try:
-                os.mkdir(os.path.join(point, name))
-                made.append(os.path.join(point, name))
-            except OSError:
-                pass
-        if not made:
-            pytest.skip("no writable cgroup hierarchy")
-        procs = " ".join(f"{p}/cgroup.procs" for p in made)
-        script = f'for f in {procs}; do echo $$ > $f; done; exec "$@"'
-        try:
+        with launcher_cgroup() as (_name, prefix):
             with VmProcess(heartbeat_args(guest_elf, ["-pidfile", str(tmp_path / "vm.pid")]), tmp_path,
-                           env=dict(os.environ, STRATOVIRT_POOL=path),
-                           prefix=["sh", "-c", script, "sh"]) as vm:
+                           env=dict(os.environ, STRATOVIRT_POOL=path), prefix=prefix) as vm:
                 assert vm_pid(tmp_path) == vm.proc.pid
                 vm.wait_for(r"^heartbeat 2$")
                 quit_vm(vm)
                 assert "the VM runs in the launcher instead" in vm.stderr
-        finally:
-            for p in made:
-                deadline = time.monotonic() + 10
-                while os.path.exists(p):
-                    try:
-                        os.rmdir(p)
-                    except OSError:
-                        if time.monotonic() > deadline:
-                            raise
-                        time.sleep(0.05)
     finally:
         os.chmod(kvm_dev, mode)
         proc.terminate()
