@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import _signal as signal    # the signal module's enums cost an import on the restore path
+import os
 import sys
 
 from . import logs
@@ -115,8 +115,8 @@ def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    # The guest runs first and the QMP socket comes up right after: a warm start
-    # does not wait for the management plane.
+    # The guest runs first and QMP (listening since before the build) is served right
+    # after: a warm start does not wait for the management plane.
     vmm.start(paused=cfg.start_paused)
     logs.start()
     from .qmp.server import QmpServer
