@@ -265,3 +265,23 @@ def test_a_vm_the_pool_cannot_place_runs_in_the_launcher(kvm, guest_elf, tmp_pat
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_descriptors_keep_their_numbers(kvm, guest_elf, tmp_path, pool):
+    """An inherited descriptor is in the VM process under the number it had in the launcher."""
+    r, w = os.pipe()
+    target = 57
+    os.dup2(w, target)
+    try:
+        with VmProcess(heartbeat_args(guest_elf, ["-pidfile", str(tmp_path / "vm.pid")]), tmp_path,
+                       env=pool.env, pass_fds=(target,)) as vm:
+            pid = vm_pid(tmp_path)
+            assert pid != vm.proc.pid
+            assert os.readlink(f"/proc/{pid}/fd/{target}") == os.readlink(f"/proc/self/fd/{w}")
+            for fd in (0, 1, 2):
+                assert os.readlink(f"/proc/{pid}/fd/{fd}") == os.readlink(f"/proc/{vm.proc.pid}/fd/{fd}")
+            vm.wait_for(r"^heartbeat 1$")
+            quit_vm(vm)
+    finally:
+        for fd in (r, w, target):
+            os.close(fd)

@@ -49,7 +49,9 @@ def _place_fds(conn: socket.socket, req: Request) -> socket.socket:
     """Put the launcher's descriptors on the numbers they had there; returns ``conn`` (maybe moved)."""
     targets = {target for _fd, target in req.fds}
     if conn.fileno() in targets:
-        conn = socket.socket(fileno=os.dup(conn.fileno()))
+        old = conn
+        conn = socket.socket(fileno=os.dup(old.fileno()))
+        old.detach()        # its number is a target: dup2 below replaces it, nothing closes it
     # dup first, then place: a received fd may sit on another one's target number
     moved = [(os.dup(fd), target) for fd, target in req.fds]
     for fd in req.received:
@@ -58,6 +60,12 @@ def _place_fds(conn: socket.socket, req: Request) -> socket.socket:
     for fd, target in moved:
         os.dup2(fd, target, inheritable=target > 2)
         os.close(fd)
+    for fd in (0, 1, 2):
+        if fd not in targets:   # closed in the launcher: closed in the VM, not the pool's
+            try:
+                os.close(fd)
+            except OSError:
+                pass
     return conn
 
 
