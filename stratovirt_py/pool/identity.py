@@ -40,9 +40,10 @@ class IdentityError(VmmError):
     pass
 
 
-def cgroup_mounts() -> Dict[str, str]:
-    """Controller set (as in /proc/PID/cgroup, "" for cgroup2) -> mount point, as this process sees it."""
-    mounts: Dict[str, str] = {}
+def cgroup_mounts() -> Dict[str, Tuple[str, str]]:
+    """Controller set (as in /proc/PID/cgroup, "" for cgroup2) -> (mount point, the cgroup
+    mounted there), as this process sees them."""
+    mounts: Dict[str, Tuple[str, str]] = {}
     try:
         with open("/proc/self/mountinfo") as f:
             lines = f.read().splitlines()
@@ -53,13 +54,13 @@ def cgroup_mounts() -> Dict[str, str]:
         fields, tail = pre.split(), post.split()
         if len(fields) < 5 or len(tail) < 3:
             continue
-        point, fstype, options = fields[4], tail[0], tail[2].split(",")
+        root, point, fstype, options = fields[3], fields[4], tail[0], tail[2].split(",")
         if fstype == "cgroup2":
-            mounts.setdefault("", point)
+            mounts.setdefault("", (point, root))
         elif fstype == "cgroup":
             names = [o for o in options if o not in _V1_FLAGS and "=" not in o]
             names += [o for o in options if o.startswith("name=")]
-            mounts.setdefault(",".join(sorted(names)), point)
+            mounts.setdefault(",".join(sorted(names)), (point, root))
     return mounts
 
 
@@ -72,7 +73,7 @@ def _cgroups_of(pid) -> List[Tuple[str, str]]:
         return out
 
 
-def join_cgroups(pid: int, mounts: Dict[str, str]) -> None:
+def join_cgroups(pid: int, mounts: Dict[str, Tuple[str, str]]) -> None:
     """Move this process into every cgroup ``pid`` is in (where it is not already)."""
     try:
         theirs = _cgroups_of(pid)
@@ -82,11 +83,13 @@ def join_cgroups(pid: int, mounts: Dict[str, str]) -> None:
     for controllers, path in theirs:
         if mine.get(controllers) == path:
             continue
-        point = mounts.get(controllers)
-        if point is None:
+        point, root = mounts.get(controllers, (None, "/"))
+        inside = root == "/" or path == root or path.startswith(root.rstrip("/") + "/")
+        if point is None or not inside:
             raise IdentityError(f"the launcher's cgroup {controllers or 'v2'}:{path} is not mounted "
                                 "where the pool can see it")
-        procs = os.path.join(point, path.lstrip("/"), "cgroup.procs")
+        rel = path[len(root.rstrip("/")):] if root != "/" else path
+        procs = os.path.join(point, rel.lstrip("/"), "cgroup.procs")
         try:
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
@@ -200,7 +203,7 @@ def _set_user(uid: int, gid: int, groups: List[int]) -> None:
         os.setresuid(uid, uid, uid)
 
 
-def adopt(req: Request, mounts: Dict[str, str]) -> None:
+def adopt(req: Request, mounts: Dict[str, Tuple[str, str]]) -> None:
     """Take the launcher's identity; raises IdentityError (nothing of the VM exists yet)."""
     pid = req.pid
     try:

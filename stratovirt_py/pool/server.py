@@ -78,7 +78,7 @@ def _tell_launcher(req: Request, message: str) -> None:
                 pass
 
 
-def _become_vm(conn: socket.socket, req: Request, mounts: Dict[str, str]) -> None:
+def _become_vm(conn: socket.socket, req: Request, mounts: Dict[str, Tuple[str, str]]) -> None:
     """In the forked process: take the launcher's identity, run the VM, report, exit."""
     try:
         identity.adopt(req, mounts)
