@@ -12,7 +12,8 @@ each request is one indirect descriptor), one data descriptor per request, and p
 ``blkbench: <rw> <bs> <count> <cycles> <tsc_khz>``: guest TSC cycles from the first
 submission to the last completion. MiB/s and requests/s are computed from that (the
 guest's own clock, so VMM start-up is not included). ``--sizes`` are run read and write,
-sequential; ``--random`` (BS:COUNT:DEPTH) read only.
+sequential; ``--random`` (BS:COUNT:DEPTH) read only. With ``STRATOVIRT_BEFORE=<exe>``
+another build of ours runs as a third peer, interleaved with the other two.
 
 Ours: ``-drive id=d0,file=IMG,direct=off -device virtio-blk-device,drive=d0,id=b0``
 (buffered I/O through the host page cache). QEMU:
@@ -55,10 +56,12 @@ def one_run(peer, qemu, kernel, img, rw, bs, count, tmp, i, qemu_cache, mem,
     qmp = os.path.join(tmp, f"{peer}-{rw}-{bs}-{i}.qmp")
     extra = "" if depth is None else f",{depth}" + (",rand" if rand else "")
     append = f"sv.blkbench={rw},{bs},{count}{extra} sv.hb=0"
-    if peer == "ours":
+    if peer in ("ours", "before"):
         argv = C.stratovirt_argv(kernel, mem, append, qmp, [
             "-drive", f"id=d0,file={img},direct=off",
             "-device", "virtio-blk-device,drive=d0,id=b0"])
+        if peer == "before":
+            argv[0] = os.environ["STRATOVIRT_BEFORE"]
     else:
         argv = C.qemu_argv(qemu, kernel, mem, append, qmp, [
             "-global", "virtio-mmio.force-legacy=false",
@@ -123,7 +126,10 @@ def main(argv=None) -> int:
     with open(img, "rb") as f:        # into the page cache for both peers alike
         while f.read(8 << 20):
             pass
-    peers = ["ours"] + (["qemu"] if qemu else [])
+    # STRATOVIRT_BEFORE: another build of ours (an older commit) run as a third peer, so
+    # that before/after ratios come from the same run.
+    peers = ["ours"] + (["before"] if os.environ.get("STRATOVIRT_BEFORE") else []) + \
+        (["qemu"] if qemu else [])
     samples = {}
     failures = []
     load = C.CpuLoad()
@@ -158,11 +164,18 @@ def main(argv=None) -> int:
         q_mb = C.median([x["mib_s"] for x in s["qemu"]]) if qemu else None
         q_rq = C.median([x["req_s"] for x in s["qemu"]]) if qemu else None
         n_ok = len(s["ours"])
-        rows.append([key + ("" if n_ok == a.reps else
-                                               f" (ours: {n_ok} good runs)"), C.fmt(o_mb), C.fmt(o_rq, ".0f"), C.fmt(q_mb),
-                     C.fmt(q_rq, ".0f"), C.ratio(o_mb, q_mb)])
-    C.table([f"median of {a.reps}", "ours MiB/s", "ours req/s", "QEMU MiB/s",
-             "QEMU req/s", "ours/QEMU"], rows)
+        row = [key + ("" if n_ok == a.reps else f" (ours: {n_ok} good runs)"),
+               C.fmt(o_mb), C.fmt(o_rq, ".0f"), C.fmt(q_mb), C.fmt(q_rq, ".0f"),
+               C.ratio(o_mb, q_mb)]
+        if "before" in s:
+            b_mb = C.median([x["mib_s"] for x in s["before"]])
+            row += [C.fmt(b_mb), C.ratio(b_mb, q_mb)]
+        rows.append(row)
+    headers = [f"median of {a.reps}", "ours MiB/s", "ours req/s", "QEMU MiB/s",
+               "QEMU req/s", "ours/QEMU"]
+    if "before" in peers:
+        headers += ["before MiB/s", "before/QEMU"]
+    C.table(headers, rows)
     if failures:
         print(f"discarded runs (guest reported request errors): {len(failures)}")
         for f in failures:
