@@ -32,6 +32,7 @@ from typing import ClassVar, List, Optional, Tuple
 from ...errors import DeviceError, SnapshotError
 from .device import (COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice, bit)
 from .blk_batch import run_batch
+from .blk_native import native_ring
 from .throttle import TokenBucket
 from .queue import DescriptorChain, QueueError, Segment, slice_segments
 
@@ -119,6 +120,7 @@ class Blk(VirtioDevice):
         self.aio = aio
         self._bucket = TokenBucket(iops_total) if iops_total else None
         self._throttle_pending = False
+        self.native = native_ring()   # the C fast path for plain requests, if built
         self._bounce: Optional[mmap.mmap] = None
         self.fd = -1
         self.size = self.capacity = 0

@@ -56,6 +56,8 @@ def run_batch(dev: "Blk", q: Queue) -> Tuple[int, Optional[QueueError]]:
     """Pop and complete every available request: (how many completed, the malformed
     chain's error that ended the batch, if any, for the caller to raise once it has
     signalled the completions)."""
+    native = dev.native
+    done = native.run(dev, q) if native is not None else 0
     items: List[object] = []           # _Transfer, or a chain for handle_request
     error: Optional[QueueError] = None
     try:
@@ -64,7 +66,6 @@ def run_batch(dev: "Blk", q: Queue) -> Tuple[int, Optional[QueueError]]:
             items.append(_classify(dev, chain) or chain)
     except QueueError as e:
         error = e
-    done = 0
     i, n = 0, len(items)
     while i < n:
         item = items[i]
