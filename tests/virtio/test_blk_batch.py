@@ -169,7 +169,8 @@ def _random_run(mode, monkeypatch, tmp_path, seed):
                     elif rtype != B.VIRTIO_BLK_T_FLUSH:
                         bufs.append((n, True))
                 bufs.append((2 if rnd.random() < 0.05 else 1, True))
-                chains.append(dk.q.add_chain(bufs, align=rnd.choice([512, 8])))
+                chains.append(dk.q.add_indirect(bufs) if rnd.random() < 0.3 else
+                              dk.q.add_chain(bufs, align=rnd.choice([512, 8])))
             dk.d.kick(0)
             for head, len_ in dk.q.get_used():
                 addrs = dict(chains)[head]
@@ -188,3 +189,20 @@ def test_native_and_python_agree_on_random_requests(monkeypatch, tmp_path):
     for seed in range(4):
         assert _random_run("native", monkeypatch, tmp_path, seed) == \
             _random_run("python", monkeypatch, tmp_path, seed), seed
+
+
+def test_indirect_requests(disk, mem, monkeypatch):
+    d, q, _, dk = disk
+    sys = Syscalls(monkeypatch)
+    reqs = [q.add_indirect([(struct.pack("<IIQ", B.VIRTIO_BLK_T_IN, 0, 6 + i), False),
+                            (512, True), (1, True)]) for i in range(2)]
+    d.kick(0)
+    assert q.get_used() == [(h, 513) for h, _ in reqs]
+    assert [mem.read(a[1], 512) for _, a in reqs] == [PATTERN[3072:3584], PATTERN[3584:4096]]
+    assert sys.calls == ([] if dk.dev.native else [("r", 3072, 1024)])
+    # An indirect descriptor that also says NEXT is malformed: NEEDS_RESET either way.
+    head, _ = q.add_indirect([(struct.pack("<IIQ", B.VIRTIO_BLK_T_IN, 0, 0), False),
+                              (512, True), (1, True)])
+    q.write_desc(head, q.alloc.alloc(48, 16), 48, 4 | 1, head)
+    d.kick(0)
+    assert d.status & STATUS_DEVICE_NEEDS_RESET

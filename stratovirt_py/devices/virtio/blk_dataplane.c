@@ -2,12 +2,12 @@
  *
  * Called by blk_native.py on the I/O thread, under the transport's lock, with the GIL
  * released.  It takes only requests of the common shape - a 16-byte header descriptor,
- * data descriptors, a 1-byte status descriptor, no indirect table, every buffer inside
- * one RAM region, an in-range IN or OUT of whole sectors - and stops, without taking
- * it, at the first chain that is anything else (or malformed): Python then handles that
- * chain exactly as it always has, so errors, NEEDS_RESET and every other request type
- * keep their one implementation.  A transfer that fails is likewise given back
- * untaken, for Python to run and report alone.
+ * data descriptors, a 1-byte status descriptor (in the ring, or all in one indirect
+ * table), every buffer inside one RAM region, an in-range IN or OUT of whole sectors -
+ * and stops, without taking it, at the first chain that is anything else (or
+ * malformed): Python then handles that chain exactly as it always has, so errors,
+ * NEEDS_RESET and every other request type keep their one implementation.  A transfer
+ * that fails is likewise given back untaken, for Python to run and report alone.
  *
  * Adjacent requests of the same direction become one preadv/pwritev, as blk_batch.py
  * does.  Used entries are published in ring order, each used->idx store after its
@@ -54,7 +54,8 @@ static uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v;
 static int parse(const struct blk_dp *dp, uint16_t head, struct req *r,
                  struct iovec *iov, int *n)
 {
-    uint32_t idx = head, steps = 0;
+    const uint8_t *table = dp->desc;
+    uint32_t count = dp->qsize, idx = head, steps = 0, nsteps = 0;
     int segs = 0;
     uint64_t total = 0;
     r->head = head;
@@ -62,9 +63,9 @@ static int parse(const struct blk_dp *dp, uint16_t head, struct req *r,
     r->iov0 = *n;
     r->niov = 0;
     for (;;) {
-        if (idx >= dp->qsize || ++steps > dp->qsize)
+        if (idx >= count || ++steps > count)
             return 0;
-        const uint8_t *d = dp->desc + 16 * (uint64_t)idx;
+        const uint8_t *d = table + 16 * (uint64_t)idx;
         uint64_t addr;
         uint32_t len;
         uint16_t flags, next;
@@ -72,16 +73,28 @@ static int parse(const struct blk_dp *dp, uint16_t head, struct req *r,
         memcpy(&len, d + 8, 4);
         memcpy(&flags, d + 12, 2);
         memcpy(&next, d + 14, 2);
-        if (flags & DESC_F_INDIRECT || len == 0)
+        if (flags & DESC_F_INDIRECT) {          /* only as the head: the whole request */
+            if (!dp->indirect || table != dp->desc || steps != 1 || flags & DESC_F_NEXT ||
+                len == 0 || len % 16 || len / 16 > 65536)
+                return 0;
+            table = host_of(dp, addr, len);
+            if (!table)
+                return 0;
+            count = len / 16;
+            idx = steps = 0;
+            continue;
+        }
+        if (len == 0)
             return 0;
         uint8_t *h = host_of(dp, addr, len);
         if (!h)
             return 0;
+        nsteps++;
         total += len;
         if (total >= (1ULL << 32))
             return 0;
         int last = !(flags & DESC_F_NEXT);
-        if (steps == 1) {                       /* the header */
+        if (nsteps == 1) {                      /* the header */
             if (flags & DESC_F_WRITE || len != 16 || last)
                 return 0;
             uint32_t type;

@@ -5,6 +5,7 @@ struct blk_dp {
     int nregions;
     uint8_t *desc, *avail, *used; /* the queue's rings, as host addresses */
     uint32_t qsize;
+    int indirect;                 /* VIRTIO_RING_F_INDIRECT_DESC negotiated */
     uint32_t next_avail, next_used;
     int fd;
     uint64_t capacity;            /* bytes */

@@ -75,6 +75,7 @@ class NativeRing:
         dp.fd = dev.fd
         dp.capacity = dev.capacity * 512
         dp.readonly = 1 if dev.readonly else 0
+        dp.indirect = 1 if q.indirect else 0
         dp.align = dev.align if dev.direct else 1
         dp.next_avail, dp.next_used = q.next_avail, q.next_used
         done = lib.blk_dp_run(dp)
