@@ -127,6 +127,11 @@ class GuestMemory:
         except GuestMemoryError:
             return False
 
+    def host_address(self, gpa: int, length: int) -> int:
+        """The host virtual address of ``[gpa, gpa+length)`` (for native code)."""
+        i, off = self._locate(gpa, length)
+        return self.regions[i].host_addr + off
+
     # -- access ---------------------------------------------------------------
     def view(self, gpa: int, length: int) -> memoryview:
         """A zero-copy writable view of guest RAM (one region only)."""

@@ -51,15 +51,13 @@ class NativeRing:
         if len(mem.regions) > MAX_REGIONS:
             return False
         dp = self.dp
-        bases = [r.host_addr for r in mem.regions]
-        for i, (region, base) in enumerate(zip(mem.regions, bases)):
+        for i, region in enumerate(mem.regions):
             dp.gpa[i], dp.size[i] = region.gpa, region.size
-            dp.host[i] = ffi.cast("uint8_t *", base)
+            dp.host[i] = ffi.cast("uint8_t *", region.host_addr)
         dp.nregions = len(mem.regions)
 
-        def host(gpa: int, length: int) -> Any:
-            i, off = mem._locate(gpa, length)   # validate() checked the rings are in RAM
-            return ffi.cast("uint8_t *", bases[i] + off)
+        def host(gpa: int, length: int) -> Any:   # validate() checked the rings are in RAM
+            return ffi.cast("uint8_t *", mem.host_address(gpa, length))
         dp.desc = host(q.desc_table, 16 * q.size)
         dp.avail = host(q.avail_ring, 6 + 2 * q.size)
         dp.used = host(q.used_ring, 6 + 8 * q.size)
@@ -83,6 +81,6 @@ class NativeRing:
         return done
 
 
-def native_ring() -> Optional[Any]:
+def native_ring() -> Optional[NativeRing]:
     """A NativeRing when the fast path is built and allowed, else None."""
     return NativeRing() if available() else None
