@@ -5,7 +5,9 @@ with its queue plugged) makes many requests available per kick, and each of them
 Python costs more than the system call it issues.  So a batch is popped whole,
 adjacent reads (or adjacent writes) that can go straight to guest memory become one
 ``preadv``/``pwritev`` over all their buffers, and every request still gets its own
-status, in the order the driver made them available.
+status, in the order the driver made them available.  When the C fast path is built
+(``blk_native.py``), the plain requests at the front of the ring go to it first, and
+this module takes over at the first request it leaves.
 
 What stays exactly as with one request at a time:
 - a malformed chain (QueueError) still puts the device in NEEDS_RESET, after the
