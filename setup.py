@@ -37,5 +37,7 @@ class BuildScripts(build_scripts):
         return outfiles, outfiles
 
 
-setup(cffi_modules=["stratovirt_py/kvm/_build.py:ffibuilder"], scripts=[build_frontend()],
+setup(cffi_modules=["stratovirt_py/kvm/_build.py:ffibuilder",
+                     "stratovirt_py/devices/virtio/_blk_build.py:ffibuilder"],
+      scripts=[build_frontend()],
       cmdclass={"build_scripts": BuildScripts})

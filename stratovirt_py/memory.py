@@ -60,6 +60,8 @@ class GuestMemory:
     def __init__(self, regions: Sequence[MemoryRegion]):
         self.regions: List[MemoryRegion] = sorted(regions, key=lambda r: r.gpa)
         self._views = [memoryview(r.mm) for r in self.regions]
+        # Plain tuples: every descriptor of every request is located here.
+        self._spans = [(i, r.gpa, r.gpa + r.size) for i, r in enumerate(self.regions)]
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -113,11 +115,11 @@ class GuestMemory:
     def _locate(self, gpa: int, length: int) -> Tuple[int, int]:
         if gpa < 0 or length < 0:
             raise GuestMemoryError(f"invalid guest address range {gpa:#x}+{length:#x}")
-        for i, r in enumerate(self.regions):
-            if r.gpa <= gpa < r.end or (length == 0 and gpa == r.end):
-                if gpa + length > r.end:
+        for i, start, end in self._spans:
+            if start <= gpa < end or (length == 0 and gpa == end):
+                if gpa + length > end:
                     break
-                return i, gpa - r.gpa
+                return i, gpa - start
         raise GuestMemoryError(f"guest address range {gpa:#x}+{length:#x} is not in RAM")
 
     def check(self, gpa: int, length: int) -> bool:
@@ -127,6 +129,11 @@ class GuestMemory:
             return True
         except GuestMemoryError:
             return False
+
+    def host_address(self, gpa: int, length: int) -> int:
+        """The host virtual address of ``[gpa, gpa+length)`` (for native code)."""
+        i, off = self._locate(gpa, length)
+        return self.regions[i].host_addr + off
 
     # -- access ---------------------------------------------------------------
     def view(self, gpa: int, length: int) -> memoryview:

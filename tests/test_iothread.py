@@ -61,3 +61,37 @@ def test_stop_and_restart():
     io.call_soon(ev.set)
     assert ev.wait(2)
     io.close()
+
+
+def test_realtime_only_when_confined_to_one_cpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(os, "sched_setscheduler", lambda pid, policy, param: calls.append(
+        (pid, policy, param.sched_priority)))
+    for cpus, env, expect in (({0, 1}, "on", []),
+                              ({1}, "on", [(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, 1)]),
+                              ({1}, "off", [])):
+        calls.clear()
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cpus=cpus: set(cpus))
+        monkeypatch.setenv("STRATOVIRT_IOTHREAD_RT", env)
+        io = IoThread("rt")
+        io.start()
+        try:
+            assert io.sync(2)
+        finally:
+            io.close()
+        assert calls == expect, (cpus, env)
+
+
+def test_realtime_refused_keeps_running(monkeypatch):
+    def refuse(pid, policy, param):
+        raise PermissionError(1, "Operation not permitted")
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    io = IoThread("rt")
+    io.start()
+    try:
+        done = threading.Event()
+        io.call_soon(done.set)
+        assert done.wait(2)
+    finally:
+        io.close()

@@ -12,7 +12,8 @@ which release the GIL), others go through a page-aligned bounce buffer.  An OFD 
 (write lock read-write, read lock read-only) keeps a second VMM off a drive in use.
 
 ``aio`` is accepted for compatibility (native, io_uring, threads, off); requests run
-synchronously on the I/O thread whatever it says.
+synchronously on the I/O thread whatever it says, a kick's worth at a time, adjacent
+ones merged into one system call (``blk_batch.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import mmap
 import os
 import stat
 import struct
-import time
 from ...logs import get_logger
 from ...record import record
 
@@ -86,30 +86,6 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-class TokenBucket:
-    """``rate`` operations per second, bursts up to one second's worth."""
-
-    def __init__(self, rate: int):
-        self.rate = float(rate)
-        self.tokens = float(rate)
-        self.stamp = time.monotonic()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-
-    def take(self) -> bool:
-        self._refill()
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-    def delay(self) -> float:
-        return max(0.001, (1.0 - self.tokens) / self.rate)
-
-
 @record(frozen=True)
 class BlkState:
     VERSION: ClassVar[int] = 1
@@ -123,6 +99,7 @@ class Blk(VirtioDevice):
     DEVICE_ID = VIRTIO_ID_BLOCK
     NAME = "virtio-blk"
     QUEUE_SIZES = (QUEUE_SIZE,)
+    header_struct = _HEADER
 
     def __init__(self, path: Optional[str], readonly: bool = False, direct: bool = True,
                  serial: Optional[str] = None, iops_total: Optional[int] = None,
@@ -139,8 +116,14 @@ class Blk(VirtioDevice):
         self.direct = direct
         self.serial = serial or ""
         self.aio = aio
-        self._bucket = TokenBucket(iops_total) if iops_total else None
+        if iops_total:
+            from .throttle import TokenBucket
+            self._bucket = TokenBucket(iops_total)
+        else:
+            self._bucket = None
         self._throttle_pending = False
+        self.native = None            # the C fast path (blk_native), made at the first kick
+        self._native_tried = False
         self._bounce: Optional[mmap.mmap] = None
         self.fd = -1
         self.size = self.capacity = 0
@@ -288,12 +271,24 @@ class Blk(VirtioDevice):
 
     # -- the request queue (I/O thread) -------------------------------------------------------
     def process_queue(self, index: int) -> None:
+        # The batch and C paths load on the first kick, after the guest runs.
+        from .blk_batch import run_batch
+        if not self._native_tried:
+            from .blk_native import native_ring
+            self.native = native_ring()
+            self._native_tried = True
         q = self.queues[index]
         added = 0
         try:
             while True:
                 while q.pending():
-                    if self._bucket is not None and not self._bucket.take():
+                    if self._bucket is None:
+                        done, error = run_batch(self, q)
+                        added += done
+                        if error is not None:
+                            raise error
+                        continue
+                    if not self._bucket.take():
                         self._throttle(index)
                         return
                     chain = q.pop()
@@ -402,7 +397,7 @@ class Blk(VirtioDevice):
         return VIRTIO_BLK_S_OK
 
     # -- data transfer ------------------------------------------------------------------------
-    def _direct_views(self, chain: DescriptorChain, segments: List[Segment]) -> Optional[List[memoryview]]:
+    def direct_views(self, chain: DescriptorChain, segments: List[Segment]) -> Optional[List[memoryview]]:
         """Views of guest memory to do the I/O in place, or None if O_DIRECT forbids it.
 
         Guest RAM regions are page-aligned host mappings, so a guest-physical address
@@ -417,9 +412,9 @@ class Blk(VirtioDevice):
         if nbytes == 0:
             return
         segments = slice_segments(chain.writable, 0, nbytes)
-        views = self._direct_views(chain, segments)
+        views = self.direct_views(chain, segments)
         if views is not None:
-            self._preadv_full(views, offset)
+            self.preadv_full(views, offset)
             return
         # Through the bounce buffer, at most BOUNCE_CHUNK bytes at a time.
         buf = memoryview(self._bounce_buffer(min(nbytes, BOUNCE_CHUNK)))
@@ -427,7 +422,7 @@ class Blk(VirtioDevice):
             done = 0
             while done < nbytes:
                 n = min(BOUNCE_CHUNK, nbytes - done)
-                self._preadv_full([buf[:n]], offset + done)
+                self.preadv_full([buf[:n]], offset + done)
                 pos = 0
                 for addr, ln in slice_segments(segments, done, n):
                     chain.mem.write(addr, buf[pos:pos + ln])
@@ -440,9 +435,9 @@ class Blk(VirtioDevice):
         if nbytes == 0:
             return
         segments = slice_segments(chain.readable, _HEADER.size, nbytes)
-        views = self._direct_views(chain, segments)
+        views = self.direct_views(chain, segments)
         if views is not None:
-            self._pwritev_full(views, offset)
+            self.pwritev_full(views, offset)
             return
         buf = memoryview(self._bounce_buffer(min(nbytes, BOUNCE_CHUNK)))
         try:
@@ -453,7 +448,7 @@ class Blk(VirtioDevice):
                 for addr, ln in slice_segments(segments, done, n):
                     buf[pos:pos + ln] = chain.mem.view(addr, ln)
                     pos += ln
-                self._pwritev_full([buf[:n]], offset + done)
+                self.pwritev_full([buf[:n]], offset + done)
                 done += n
         finally:
             buf.release()
@@ -465,13 +460,13 @@ class Blk(VirtioDevice):
             while length:
                 n = min(chunk, length, len(buf))
                 buf[:n] = bytes(n)
-                self._pwritev_full([buf[:n]], offset)
+                self.pwritev_full([buf[:n]], offset)
                 offset += n
                 length -= n
         finally:
             buf.release()
 
-    def _preadv_full(self, views: List[memoryview], offset: int) -> None:
+    def preadv_full(self, views: List[memoryview], offset: int) -> None:
         while views:
             n = os.preadv(self.fd, views[:IOV_MAX], offset)
             if n == 0:  # past the end of the file (a partial last sector): zeros
@@ -481,7 +476,7 @@ class Blk(VirtioDevice):
             offset += n
             views = _advance(views, n)
 
-    def _pwritev_full(self, views: List[memoryview], offset: int) -> None:
+    def pwritev_full(self, views: List[memoryview], offset: int) -> None:
         while views:
             n = os.pwritev(self.fd, views[:IOV_MAX], offset)
             if n == 0:

@@ -85,22 +85,18 @@ def slice_segments(segments: List[Segment], offset: int, length: Optional[int]) 
 class DescriptorChain:
     """One validated chain: device-readable buffers, then device-writable buffers."""
 
-    __slots__ = ("mem", "head", "readable", "writable")
+    __slots__ = ("mem", "head", "readable", "writable", "readable_len", "writable_len")
 
     def __init__(self, mem: GuestMemory, head: int,
-                 readable: List[Segment], writable: List[Segment]):
+                 readable: List[Segment], writable: List[Segment],
+                 readable_len: Optional[int] = None, writable_len: Optional[int] = None):
         self.mem = mem
         self.head = head
         self.readable = readable
         self.writable = writable
-
-    @property
-    def readable_len(self) -> int:
-        return sum(ln for _, ln in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(ln for _, ln in self.writable)
+        # The parser knows the totals already; devices ask for them on every request.
+        self.readable_len = sum(ln for _, ln in readable) if readable_len is None else readable_len
+        self.writable_len = sum(ln for _, ln in writable) if writable_len is None else writable_len
 
     def read(self, offset: int = 0, length: Optional[int] = None) -> bytes:
         """Bytes of the device-readable part, from ``offset`` (all of it by default)."""
@@ -219,7 +215,7 @@ class Queue:
             raise QueueError(f"chain head {head} is out of range (queue size {self.size})")
         readable: List[Segment] = []
         writable: List[Segment] = []
-        total = 0
+        total = wtotal = 0
         table, count = self._desc_view, self.size
         in_indirect = False
         idx, steps = head, 0
@@ -255,6 +251,7 @@ class Queue:
             if flags & VIRTQ_DESC_F_WRITE:
                 if length:
                     writable.append((addr, length))
+                    wtotal += length
             elif writable:
                 raise QueueError("device-readable buffer after a device-writable one")
             elif length:
@@ -262,7 +259,7 @@ class Queue:
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             idx = nxt
-        return DescriptorChain(mem, head, readable, writable)
+        return DescriptorChain(mem, head, readable, writable, total - wtotal, wtotal)
 
     # -- used ring --------------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:

@@ -2,8 +2,11 @@
 #include "virtio.h"
 
 #define VIRTIO_BLK_F_FLUSH (1UL << 9)
+#define VIRTIO_RING_F_INDIRECT_DESC (1UL << 28)
+#define VIRTQ_DESC_F_INDIRECT 4
 
-#define BENCH_DEPTH 16
+#define BENCH_DEPTH 16     /* default requests in flight */
+#define BENCH_MAX_DEPTH 64
 #define BENCH_BUF (2UL << 20)
 #define BLK_TIMEOUT_MS 5000
 
@@ -13,8 +16,10 @@ struct blk_req {
     u64 sector;
 };
 
-static struct blk_req reqs[BENCH_DEPTH] __attribute__((aligned(64)));
-static volatile u8 statuses[BENCH_DEPTH];
+static struct blk_req reqs[BENCH_MAX_DEPTH] __attribute__((aligned(64)));
+static volatile u8 statuses[BENCH_MAX_DEPTH];
+/* Deep queues: one ring descriptor per request, pointing at its own 3-entry table. */
+static struct virtq_desc bench_ind[BENCH_MAX_DEPTH][3] __attribute__((aligned(16)));
 static u8 sector_buf[512] __attribute__((aligned(512)));
 static u8 bench_buf[BENCH_BUF] __attribute__((aligned(4096), section(".noinit")));
 
@@ -111,7 +116,54 @@ void virtio_blk_main(void)
     }
 }
 
-/* sv.blkbench=<read|write>,<bs>,<count> */
+/* Put request slot s (sector) on the ring: descriptors 3s..3s+2, or, with an
+ * indirect table, ring descriptor s. */
+static void bench_submit(struct virtq *q, u32 s, int write, u64 bs, u64 sector, int indirect)
+{
+    reqs[s].type = write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
+    reqs[s].reserved = 0;
+    reqs[s].sector = sector;
+    statuses[s] = 0xff;
+    struct virtq_chain c[3] = {
+        { (u64)&reqs[s], sizeof(reqs[s]), 0 },
+        { (u64)&bench_buf[s * bs], (u32)bs, !write },
+        { (u64)&statuses[s], 1, 1 },
+    };
+    if (!indirect) {
+        virtq_add(q, (u16)(3 * s), c, 3);
+        return;
+    }
+    for (int i = 0; i < 3; i++) {
+        bench_ind[s][i].addr = c[i].addr;
+        bench_ind[s][i].len = c[i].len;
+        bench_ind[s][i].flags = (u16)((c[i].write ? VIRTQ_DESC_F_WRITE : 0) |
+                                      (i < 2 ? VIRTQ_DESC_F_NEXT : 0));
+        bench_ind[s][i].next = (u16)(i + 1);
+    }
+    struct virtq_desc *d = &q->desc[s];
+    d->addr = (u64)&bench_ind[s][0];
+    d->len = sizeof(bench_ind[s]);
+    d->flags = VIRTQ_DESC_F_INDIRECT;
+    d->next = 0;
+    q->avail->ring[q->avail_idx % q->num] = (u16)s;
+    q->avail_idx++;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    *(volatile u16 *)&q->avail->idx = q->avail_idx;
+}
+
+/* The n-th request's sector: in order, or from a xorshift64 sequence that is the
+ * same for every VMM. */
+static u64 bench_sector(u64 *rng, u64 n, u64 spr, u64 span, int random)
+{
+    if (!random)
+        return n * spr % span;
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    return *rng % (span / spr) * spr;
+}
+
+/* sv.blkbench=<read|write>,<bs>,<count>[,<depth>[,rand]] */
 void virtio_blkbench(const char *arg)
 {
     int write;
@@ -134,14 +186,31 @@ void virtio_blkbench(const char *arg)
         kprintf("blkbench: bad argument\n");
         return;
     }
-    u64 count = parse_u64(arg, NULL);
-    if (!bs || bs % 512 || bs > BENCH_BUF || !count) {
+    u64 count = parse_u64(arg, &arg);
+    u64 want_depth = BENCH_DEPTH;
+    int random = 0;
+    if (*arg == ',') {
+        want_depth = parse_u64(arg + 1, &arg);
+        if (strncmp(arg, ",rand", 5) == 0) {
+            random = 1;
+            arg += 5;
+        }
+    }
+    if (!bs || bs % 512 || bs > BENCH_BUF || !count || !want_depth ||
+        want_depth > BENCH_MAX_DEPTH || (*arg && *arg != ' ')) {
         kprintf("blkbench: bad argument\n");
         return;
     }
-    struct virtio_dev *d = blk_open();
+    int indirect = want_depth > VQ_MAX_SIZE / 3;
+    struct virtio_dev *d = indirect
+        ? virtio_open(VIRTIO_ID_BLOCK, VIRTIO_BLK_F_FLUSH | VIRTIO_RING_F_INDIRECT_DESC, 1)
+        : blk_open();
     if (!d)
         return;
+    if (indirect && !(d->features & VIRTIO_RING_F_INDIRECT_DESC)) {
+        kprintf("blkbench: depth %lu needs indirect descriptors\n", want_depth);
+        return;
+    }
     struct virtq *q = &d->vq[0];
     u64 cap = blk_capacity(d);
     u64 spr = bs / 512;
@@ -150,29 +219,20 @@ void virtio_blkbench(const char *arg)
         return;
     }
     u64 span = cap / spr * spr;
-    u32 depth = BENCH_DEPTH;
-    if (depth > q->num / 3)
-        depth = q->num / 3;
+    u32 depth = (u32)want_depth;
+    if (depth > (indirect ? q->num : q->num / 3))
+        depth = indirect ? q->num : q->num / 3;
     if (depth > BENCH_BUF / bs)
         depth = (u32)(BENCH_BUF / bs);
     if (write)
         for (u64 i = 0; i < depth * bs; i++)
             bench_buf[i] = (u8)(i * 7);
 
+    u64 rng = 0x9E3779B97F4A7C15UL;
     u64 submitted = 0, completed = 0, errors = 0;
     u64 t0 = rdtsc();
-    for (u32 s = 0; s < depth && submitted < count; s++, submitted++) {
-        reqs[s].type = write ? VIRTIO_BLK_T_OUT : VIRTIO_BLK_T_IN;
-        reqs[s].reserved = 0;
-        reqs[s].sector = submitted * spr % span;
-        statuses[s] = 0xff;
-        struct virtq_chain c[3] = {
-            { (u64)&reqs[s], sizeof(reqs[s]), 0 },
-            { (u64)&bench_buf[s * bs], (u32)bs, !write },
-            { (u64)&statuses[s], 1, 1 },
-        };
-        virtq_add(q, (u16)(3 * s), c, 3);
-    }
+    for (u32 s = 0; s < depth && submitted < count; s++, submitted++)
+        bench_submit(q, s, write, bs, bench_sector(&rng, submitted, spr, span, random), indirect);
     virtq_notify(d, q);
     u64 deadline = rdtsc() + ms_to_tsc(BLK_TIMEOUT_MS);
     while (completed < count) {
@@ -180,7 +240,7 @@ void virtio_blkbench(const char *arg)
         int notify = 0, got = 0;
         while (virtq_poll(q, &id, NULL)) {
             got = 1;
-            u32 s = id / 3;
+            u32 s = indirect ? id : id / 3;
             if (s >= depth) {
                 errors++;
                 continue;
@@ -189,14 +249,8 @@ void virtio_blkbench(const char *arg)
                 errors++;
             completed++;
             if (submitted < count) {
-                reqs[s].sector = submitted * spr % span;
-                statuses[s] = 0xff;
-                struct virtq_chain c[3] = {
-                    { (u64)&reqs[s], sizeof(reqs[s]), 0 },
-                    { (u64)&bench_buf[s * bs], (u32)bs, !write },
-                    { (u64)&statuses[s], 1, 1 },
-                };
-                virtq_add(q, (u16)(3 * s), c, 3);
+                bench_submit(q, s, write, bs, bench_sector(&rng, submitted, spr, span, random),
+                             indirect);
                 submitted++;
                 notify = 1;
             }
