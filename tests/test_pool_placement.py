@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from test_net import GUEST_MAC, Wire, expect_ping, netns, ping_pong, quit_vm, vm_args  # noqa: F401
-from vmtools import PoolProcess, VmProcess
+from vmtools import PoolProcess, VmProcess, stratovirt_cmd
 
 pytestmark = pytest.mark.kvm
 
@@ -285,3 +285,15 @@ def test_descriptors_keep_their_numbers(kvm, guest_elf, tmp_path, pool):
     finally:
         for fd in (r, w, target):
             os.close(fd)
+
+
+def test_pool_off_and_daemonize_run_the_vm_in_the_launcher(kvm, guest_elf, tmp_path, pool):
+    env = dict(pool.env, STRATOVIRT_POOL="off")
+    with VmProcess(heartbeat_args(guest_elf, ["-pidfile", str(tmp_path / "vm.pid")]), tmp_path,
+                   env=env) as vm:
+        assert vm_pid(tmp_path) == vm.proc.pid
+        vm.wait_for(r"^heartbeat 1$")
+        quit_vm(vm)
+    r = subprocess.run(stratovirt_cmd() + ["-version"], env=pool.env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0 and "StratoVirt" in r.stdout
