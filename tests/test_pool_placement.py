@@ -287,7 +287,7 @@ def test_descriptors_keep_their_numbers(kvm, guest_elf, tmp_path, pool):
             os.close(fd)
 
 
-def test_pool_off_and_daemonize_run_the_vm_in_the_launcher(kvm, guest_elf, tmp_path, pool):
+def test_pool_off_and_version_run_in_the_launcher(kvm, guest_elf, tmp_path, pool):
     env = dict(pool.env, STRATOVIRT_POOL="off")
     with VmProcess(heartbeat_args(guest_elf, ["-pidfile", str(tmp_path / "vm.pid")]), tmp_path,
                    env=env) as vm:
