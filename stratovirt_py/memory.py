@@ -11,6 +11,9 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+
+import _cffi_backend
+
 from .record import record
 
 TYPE_CHECKING = False
@@ -18,6 +21,9 @@ if TYPE_CHECKING:  # typing costs an import at run time
     from typing import List, Sequence, Tuple
 
 from .errors import GuestMemoryError
+
+# cffi's bare FFI (already loaded for the KVM bindings; ctypes would be one more import)
+_ffi = _cffi_backend.FFI()
 
 # x86_64 microvm: RAM from 0, with the 32-bit MMIO hole between 3 GiB and 4 GiB.
 MMIO_GAP_START = 0xC000_0000
@@ -47,10 +53,9 @@ class MemoryRegion:
     @property
     def host_addr(self) -> int:
         """Host virtual address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
-        from .kvm.ioctls import ffi
-        buf = ffi.from_buffer(self.mm)
-        addr = int(ffi.cast("uintptr_t", buf))
-        ffi.release(buf)
+        buf = _ffi.from_buffer(self.mm)
+        addr = int(_ffi.cast("uintptr_t", buf))
+        _ffi.release(buf)
         return addr
 
 

@@ -21,7 +21,7 @@ from . import pinning
 from .logs import get_logger
 from .devices.bus import Bus
 from .kvm import KvmError, Vcpu
-from .kvm.ioctls import ffi, lib
+from .kvm import vcpu as kv
 
 log = get_logger(__name__)
 
@@ -130,8 +130,7 @@ class VcpuGroup:
         mmio = vcpu.exit_mmio
         buf = vcpu.run_buf
         pio_bus, mmio_bus = self.pio, self.mmio
-        EXIT_IO, EXIT_MMIO = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO
-        IO_OUT = lib.KVM_EXIT_IO_OUT
+        EXIT_IO, EXIT_MMIO, IO_OUT = kv.EXIT_IO, kv.EXIT_MMIO, kv.EXIT_IO_OUT
         while True:
             if self._want_pause or self._stopping:
                 if not self._park(vcpu):
@@ -153,30 +152,30 @@ class VcpuGroup:
             elif reason == EXIT_MMIO:
                 addr, length = mmio.phys_addr, mmio.len
                 if mmio.is_write:
-                    mmio_bus.write(addr, bytes(ffi.buffer(mmio.data, length)))
+                    mmio_bus.write(addr, vcpu.mmio_data(length))
                 else:
                     data = mmio_bus.read(addr, length)[:length]
-                    ffi.memmove(mmio.data, data, len(data))
+                    vcpu.set_mmio_data(data)
             elif not self._handle_rare_exit(vcpu, reason):
                 return
 
     def _handle_rare_exit(self, vcpu: Vcpu, reason: int) -> bool:
-        if reason == lib.KVM_EXIT_SHUTDOWN:
+        if reason == kv.EXIT_SHUTDOWN:
             self._on_exit("guest-reset", 0, f"vCPU {vcpu.index}: triple fault, resetting the guest")
             return False
-        if reason == lib.KVM_EXIT_SYSTEM_EVENT:
+        if reason == kv.EXIT_SYSTEM_EVENT:
             kind = vcpu.exit_system_event.type
-            if kind == lib.KVM_SYSTEM_EVENT_RESET:
+            if kind == kv.SYSTEM_EVENT_RESET:
                 self._on_exit("guest-reset", 0, "guest requested a reset")
-            elif kind == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
+            elif kind == kv.SYSTEM_EVENT_SHUTDOWN:
                 self._on_exit("guest-shutdown", 0, "guest powered off")
             else:
                 self._on_exit("guest-panic", 1, f"guest system event {kind}")
             return False
-        if reason == lib.KVM_EXIT_HLT:
+        if reason == kv.EXIT_HLT:
             self._on_exit("guest-shutdown", 0, "guest halted")
             return False
-        if reason == lib.KVM_EXIT_INTERNAL_ERROR:
+        if reason == kv.EXIT_INTERNAL_ERROR:
             info = vcpu.exit_internal
             sub = info.suberror
             what = {1: "emulation failure", 2: "simultaneous exceptions",
@@ -189,11 +188,11 @@ class VcpuGroup:
             self._on_exit("error", 1, f"vCPU {vcpu.index}: KVM internal error ({what}){rip}"
                           + (f", data {data}" if data else ""))
             return False
-        if reason == lib.KVM_EXIT_FAIL_ENTRY:
+        if reason == kv.EXIT_FAIL_ENTRY:
             code = vcpu.exit_fail_entry.hardware_entry_failure_reason
             self._on_exit("error", 1, f"vCPU {vcpu.index}: KVM entry failed (reason {code:#x})")
             return False
-        if reason in (lib.KVM_EXIT_INTR, lib.KVM_EXIT_IRQ_WINDOW_OPEN):
+        if reason in (kv.EXIT_INTR, kv.EXIT_IRQ_WINDOW_OPEN):
             return True
         self._on_exit("error", 1, f"vCPU {vcpu.index}: unexpected KVM exit {reason}")
         return False

@@ -6,7 +6,6 @@ import struct
 
 from ..logs import get_logger
 from ..kvm import KvmError, Vcpu
-from ..kvm.ioctls import ffi
 from ..memory import GuestMemory
 from . import layout
 
@@ -95,14 +94,14 @@ def setup_boot_registers(vcpu: Vcpu, entry: int) -> None:
     sregs.efer |= EFER_LME | EFER_LMA
     vcpu.set("sregs", sregs)
 
-    regs = ffi.new("struct kvm_regs *")
+    regs = vcpu.new("regs")
     regs.rflags = 0x2
     regs.rip = entry
     regs.rsp = regs.rbp = layout.BOOT_STACK
     regs.rsi = layout.BOOT_PARAMS_ADDR
     vcpu.set("regs", regs)
 
-    fpu = ffi.new("struct kvm_fpu *")
+    fpu = vcpu.new("fpu")
     fpu.fcw = 0x37F
     fpu.mxcsr = 0x1F80
     vcpu.set("fpu", fpu)
@@ -120,22 +119,17 @@ def setup_boot_registers(vcpu: Vcpu, entry: int) -> None:
 
 def setup_lapic(vcpu: Vcpu) -> None:
     """Route LINT0 as ExtINT (legacy PIC) and LINT1 as NMI, as a PC BIOS leaves them."""
-    lapic = vcpu.get("lapic")
-    buf = ffi.buffer(lapic.regs)
+    buf = bytearray(vcpu.get_blob("lapic"))      # struct kvm_lapic_state: the register page
     for reg, mode in ((APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)):
         value = struct.unpack_from("<I", buf, reg)[0]
         value = (value & ~0x700) | (mode << 8)
         struct.pack_into("<I", buf, reg, value)
-    vcpu.set("lapic", lapic)
+    vcpu.set_blob("lapic", bytes(buf))
 
 
 def setup_cpuid(vcpu: Vcpu, supported, index: int, nr_cpus: int) -> None:
     """Per-vCPU CPUID: APIC ids, the hypervisor bit and the CPU count."""
-    n = supported.nent
-    cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
-    ffi.memmove(cpuid.entries, supported.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
-    for i in range(n):
-        e = cpuid.entries[i]
+    def edit(e) -> None:
         if e.function == 1:
             e.ebx = (e.ebx & 0x0000_FFFF) | (index << 24) | ((nr_cpus & 0xFF) << 16)
             e.ecx |= 1 << 31
@@ -146,4 +140,4 @@ def setup_cpuid(vcpu: Vcpu, supported, index: int, nr_cpus: int) -> None:
         elif e.function == 0xA:
             # No PMU: its state cannot be part of a template.
             e.eax = e.ebx = e.ecx = e.edx = 0
-    vcpu.set_cpuid2(cpuid)
+    vcpu.set_cpuid_from(supported, edit)

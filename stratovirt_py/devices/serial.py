@@ -60,9 +60,6 @@ class Serial:
         self.dll, self.dlh, self.thre_pending = s.dll, s.dlh, s.thre_pending
         self._rx = deque(s.rx)
 
-    def set_output(self, output: Callable[[bytes], None]) -> None:
-        self._output = output
-
     # -- host side ---------------------------------------------------------------
     def enqueue_input(self, data: bytes) -> None:
         with self._lock:

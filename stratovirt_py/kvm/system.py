@@ -16,13 +16,27 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 KVM_PATH = "/dev/kvm"
+API_VERSION = lib.KVM_API_VERSION    # the version these bindings were built for
 
 # Host facts that never change while the host runs, read once by a warm pool.
 _HOST_FACTS: dict = {}
 
+# Capabilities the VMM relies on, by what it uses them for; checked before the first VM.
+REQUIRED_CAPS = (
+    ("USER_MEMORY", "guest RAM"), ("SET_TSS_ADDR", "the TSS region"),
+    ("IRQCHIP", "the in-kernel PIC, IOAPIC and LAPIC"), ("PIT2", "the in-kernel PIT"),
+    ("PIT_STATE2", "PIT state in templates"), ("IRQFD", "virtio interrupts"),
+    ("IOEVENTFD", "virtio notifications"), ("EXT_CPUID", "CPUID set-up"),
+    ("MP_STATE", "vCPU run state in templates"), ("VCPU_EVENTS", "pending events in templates"),
+    ("DEBUGREGS", "debug registers in templates"), ("XSAVE", "FPU/AVX state in templates"),
+    ("XCRS", "XCR0 in templates"), ("ADJUST_CLOCK", "the KVM clock in templates"),
+    ("IMMEDIATE_EXIT", "pausing vCPUs"),
+)
+
 
 def warm_host_facts() -> None:
     kvm = Kvm()
+    kvm.check_required_caps()
     _HOST_FACTS["cpuid"] = kvm.get_supported_cpuid()
     _HOST_FACTS["msrs"] = kvm.get_msr_index_list()
     kvm.close()
@@ -56,6 +70,16 @@ class Kvm:
 
     def check_extension(self, cap: int) -> int:
         return ioctl(self.fd, lib.KVM_CHECK_EXTENSION, cap, "KVM_CHECK_EXTENSION")
+
+    def check_required_caps(self) -> None:
+        """One clear error naming the first capability this host's KVM lacks (once a process)."""
+        if _HOST_FACTS.get("caps_ok"):
+            return
+        for name, what in REQUIRED_CAPS:
+            if self.check_extension(getattr(lib, f"KVM_CAP_{name}")) <= 0:
+                raise KvmError("KVM_CHECK_EXTENSION", errno.ENOSYS,
+                               f"this host's KVM lacks KVM_CAP_{name}, needed for {what}")
+        _HOST_FACTS["caps_ok"] = True
 
     @property
     def vcpu_mmap_size(self) -> int:
@@ -94,6 +118,7 @@ class Kvm:
 
     def create_vm(self) -> "Vm":
         from .vm import Vm
+        self.check_required_caps()
         fd = ioctl(self.fd, lib.KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         return Vm(self, fd)
 

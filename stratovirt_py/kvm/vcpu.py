@@ -8,7 +8,7 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
-    from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
+    from typing import Callable, Dict, Iterable, List, Tuple
 
 from .errors import KvmError
 from .ioctls import ffi, ioctl, ioctl_ret, lib
@@ -29,6 +29,21 @@ _BLOBS: Dict[str, Tuple[str, str, str]] = {
     "mp_state": ("struct kvm_mp_state *", "KVM_GET_MP_STATE", "KVM_SET_MP_STATE"),
     "debugregs": ("struct kvm_debugregs *", "KVM_GET_DEBUGREGS", "KVM_SET_DEBUGREGS"),
 }
+
+
+# What the vCPU loop (vcpu_thread) compares exits with: kvm/ owns the numbers.
+EXIT_IO = lib.KVM_EXIT_IO
+EXIT_IO_OUT = lib.KVM_EXIT_IO_OUT
+EXIT_MMIO = lib.KVM_EXIT_MMIO
+EXIT_HLT = lib.KVM_EXIT_HLT
+EXIT_SHUTDOWN = lib.KVM_EXIT_SHUTDOWN
+EXIT_SYSTEM_EVENT = lib.KVM_EXIT_SYSTEM_EVENT
+EXIT_INTERNAL_ERROR = lib.KVM_EXIT_INTERNAL_ERROR
+EXIT_FAIL_ENTRY = lib.KVM_EXIT_FAIL_ENTRY
+EXIT_INTR = lib.KVM_EXIT_INTR
+EXIT_IRQ_WINDOW_OPEN = lib.KVM_EXIT_IRQ_WINDOW_OPEN
+SYSTEM_EVENT_RESET = lib.KVM_SYSTEM_EVENT_RESET
+SYSTEM_EVENT_SHUTDOWN = lib.KVM_SYSTEM_EVENT_SHUTDOWN
 
 
 class Vcpu:
@@ -59,6 +74,14 @@ class Vcpu:
     def set_immediate_exit(self, value: bool) -> None:
         self.run.immediate_exit = 1 if value else 0
 
+    def mmio_data(self, length: int) -> bytes:
+        """What the guest wrote, on an MMIO write exit."""
+        return bytes(ffi.buffer(self.exit_mmio.data, length))
+
+    def set_mmio_data(self, data: bytes) -> None:
+        """What the guest reads, on an MMIO read exit."""
+        ffi.memmove(self.exit_mmio.data, data, len(data))
+
     # -- registers --------------------------------------------------------------------
     def get(self, name: str):
         ctype, get_op, _ = _BLOBS[name]
@@ -69,6 +92,10 @@ class Vcpu:
     def set(self, name: str, p) -> None:
         _, _, set_op = _BLOBS[name]
         ioctl(self.fd, getattr(lib, set_op), p, set_op)
+
+    def new(self, name: str):
+        """A zeroed state struct (``regs``, ``fpu``, ...) to fill in and ``set``."""
+        return ffi.new(_BLOBS[name][0])
 
     def get_blob(self, name: str) -> bytes:
         return bytes(ffi.buffer(self.get(name)))
@@ -85,6 +112,15 @@ class Vcpu:
 
     def set_cpuid2(self, cpuid) -> None:
         ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid, "KVM_SET_CPUID2")
+
+    def set_cpuid_from(self, supported, edit: Callable) -> None:
+        """KVM_SET_CPUID2 with a copy of ``supported`` whose entries ``edit(entry)`` changed."""
+        n = supported.nent
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+        ffi.memmove(cpuid.entries, supported.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
+        for i in range(n):
+            edit(cpuid.entries[i])
+        self.set_cpuid2(cpuid)
 
     def get_msrs(self, indices: Iterable[int]) -> List[Tuple[int, int]]:
         idx = list(indices)

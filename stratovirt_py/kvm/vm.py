@@ -73,11 +73,6 @@ class Vm:
         arg = ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": gsi})
         ioctl(self.fd, lib.KVM_IRQFD, arg, "KVM_IRQFD")
 
-    def unregister_irqfd(self, fd: int, gsi: int) -> None:
-        arg = ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": gsi,
-                                            "flags": lib.KVM_IRQFD_FLAG_DEASSIGN})
-        ioctl(self.fd, lib.KVM_IRQFD, arg, "KVM_IRQFD")
-
     def _ioeventfd(self, fd: int, addr: int, length: int, datamatch, pio: bool, flags: int) -> None:
         if datamatch is not None:
             flags |= lib.KVM_IOEVENTFD_FLAG_DATAMATCH
@@ -90,10 +85,6 @@ class Vm:
     def register_ioeventfd(self, fd: int, addr: int, length: int = 4, datamatch=None,
                            pio: bool = False) -> None:
         self._ioeventfd(fd, addr, length, datamatch, pio, 0)
-
-    def unregister_ioeventfd(self, fd: int, addr: int, length: int = 4, datamatch=None,
-                             pio: bool = False) -> None:
-        self._ioeventfd(fd, addr, length, datamatch, pio, lib.KVM_IOEVENTFD_FLAG_DEASSIGN)
 
     # -- state (opaque blobs in the host kernel's struct layout) -------------------
     def get_irqchip(self, chip: str) -> bytes:

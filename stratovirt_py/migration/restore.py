@@ -33,13 +33,13 @@ def _state(cls, data: Dict[str, Any], what: str):
 
 def restore_vmm(cfg: VmConfig, events: Any):
     from ..builder import create_vm
-    from ..kvm.ioctls import lib
+    from ..kvm.system import API_VERSION
     from .format import read_template
     tpl_dir = cfg.incoming.path
     supported = dict(SECTION_VERSIONS)
     # Memory data is checked (or found in the verification cache) before the
     # configuration, so that one message lists every configuration difference.
-    template = read_template(tpl_dir, verify=True, kvm_api_version=lib.KVM_API_VERSION,
+    template = read_template(tpl_dir, verify=True, kvm_api_version=API_VERSION,
                              stamp_later=True)
     for name, (version, _) in template.sections.items():
         limit = VIRTIO_SECTION_VERSION if name.startswith("virtio:") else supported.get(name)
