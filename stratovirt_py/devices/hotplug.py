@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 from ..config import DeviceConfig, DriveConfig, NetdevConfig
 from ..errors import ConfigError, DeviceError, VmmError
@@ -44,6 +44,7 @@ class Hotplug:
     def __init__(self, vmm) -> None:
         self.vmm = vmm
         self._lock = threading.Lock()
+        self._spent: Set[str] = set()    # netdevs whose fds a device has taken
 
     # -- backends -------------------------------------------------------------------------
     def blockdev_add(self, args: Dict[str, Any]) -> None:
@@ -71,19 +72,21 @@ class Hotplug:
             raise ConfigError(f"netdev_add: id '{nid}' is already in use")
         if args.get("vhost"):
             raise DeviceError("netdev_add: vhost-net is not supported by this VMM")
-        fds = []
-        for name in (args.get("fds") or args.get("fd") or "").split(":"):
-            if not name:
-                continue
-            if name in self.vmm.fds:
-                fds.append(self.vmm.fds.pop(name))
-            elif name.isdigit():
-                fds.append(int(name))
-            else:
-                raise ConfigError(f"netdev_add: no file descriptor named '{name}' (send it with getfd)")
-        if not fds and not args.get("ifname"):
+        # Only descriptors handed over with getfd, each taken once: a bare number could
+        # name one of the VMM's own descriptors (its KVM fds), which the tap code would
+        # then adopt or close.  Descriptors inherited at start are named on the command line.
+        names = [n for n in (args.get("fds") or args.get("fd") or "").split(":") if n]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"netdev_add: fd names {':'.join(names)} repeat a name")
+        for name in names:
+            if name not in self.vmm.fds:
+                hint = (" (a bare number is not accepted: pass the descriptor with getfd and "
+                        "name it here)" if name.isdigit() else " (send it with getfd)")
+                raise ConfigError(f"netdev_add: no file descriptor named '{name}'{hint}")
+        if not names and not args.get("ifname"):
             raise ConfigError("netdev_add: give 'ifname' or 'fd'")
         with self._lock:
+            fds = [self.vmm.fds.pop(name) for name in names]
             cfg.netdevs[nid] = NetdevConfig(id=nid, ifname=args.get("ifname"), fds=fds)
 
     # -- devices ----------------------------------------------------------------------------
@@ -104,6 +107,14 @@ class Hotplug:
         if not ref or ref not in table:
             raise ConfigError(f"device_add: {ref_key} '{ref}' is not defined "
                               f"(add it with {'blockdev-add' if ref_key == 'drive' else 'netdev_add'})")
+        if ref_key == "netdev" and table[ref].fds:
+            # A device owns its netdev's descriptors and closes them when it goes: they
+            # serve one device_add only, or a later one would reuse numbers the VMM may
+            # have given to something else since.
+            if ref in self._spent:
+                raise ConfigError(f"device_add: the file descriptors of netdev '{ref}' were "
+                                  "used by a device already; add a new netdev")
+            self._spent.add(ref)
         props = {ref_key: ref}
         for key in ("serial", "mac"):
             if key in args:
@@ -144,5 +155,9 @@ class Hotplug:
                 raise VmmError(f"Failed to detach device: id {dev_id} not found")
             slot.transport.replace_backend(None)
             slot.id = None
+            for d in cfg.devices:       # a command-line device's fds are closed now too
+                ref = d.props.get("netdev") if d.id == dev_id else None
+                if ref in cfg.netdevs and cfg.netdevs[ref].fds:
+                    self._spent.add(ref)
             cfg.devices[:] = [d for d in cfg.devices if d.id != dev_id]
         vmm.events.emit("DEVICE_DELETED", {"device": dev_id, "path": f"/machine/peripheral/{dev_id}"})
