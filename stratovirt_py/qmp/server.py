@@ -250,7 +250,9 @@ class QmpServer:
         assert self._selector is not None
         try:
             while not self._stopping:
-                busy = any(c.pending for c in self._clients.values())
+                # Poll only for clients that can make progress now: one whose replies
+                # are at the high-water mark waits for EVENT_WRITE like any other fd.
+                busy = any(self._can_process(c) for c in self._clients.values())
                 for key, mask in self._selector.select(0 if busy else None):
                     if key.data is _WAKE:
                         self._drain_wake()
@@ -336,10 +338,13 @@ class QmpServer:
             log.warning("QMP client passed more fds than %d; extra ones dropped",
                         MAX_PENDING_FDS)
 
+    @staticmethod
+    def _can_process(client: _Client) -> bool:
+        return bool(client.pending) and not client.closed and len(client.outbuf) < HIGH_WATER
+
     def _process(self, client: _Client) -> None:
         handled = 0
-        while (client.pending and handled < BATCH and not client.closed
-               and not self._stopping and len(client.outbuf) < HIGH_WATER):
+        while self._can_process(client) and handled < BATCH and not self._stopping:
             self._handle(client, client.pending.popleft())
             handled += 1
         if client.eof and not client.pending and not client.outbuf and not client.closed:

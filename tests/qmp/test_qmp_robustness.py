@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -150,3 +151,29 @@ def test_many_clients_at_once(server, connect):
         c.send(json.dumps({"execute": "query-status", "id": i}).encode() + b"\n")
     for i, c in enumerate(clients):
         assert c.read_reply()["id"] == i
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_client_that_sends_but_never_reads_costs_no_cpu(server, connect, wait):
+    """Replies pile up to the high-water mark, then the server stops reading that client
+    and waits for it to become writable; it must not poll it in a busy loop."""
+    deaf = connect()
+    deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.sock.setblocking(False)
+    try:
+        for _ in range(2000):          # ~2000 query-commands replies: well past HIGH_WATER
+            deaf.sock.send(b'{"execute":"query-commands"}\n' * 4)
+    except BlockingIOError:
+        pass                           # the server stopped reading us: that is the point
+    time.sleep(0.5)                    # let it reach the steady state
+    tid = server._thread.native_id
+    before = _thread_cpu_seconds(tid)
+    time.sleep(1.0)
+    assert _thread_cpu_seconds(tid) - before < 0.2
+    polite = connect()
+    assert polite.cmd("query-status")["return"]["running"] is True
