@@ -17,6 +17,7 @@ from .vcpu_thread import VcpuGroup
 log = logging.getLogger(__name__)
 
 GUEST_REASONS = {"guest-reset", "guest-shutdown", "guest-panic"}
+MAX_NAMED_FDS = 64      # getfd descriptors held at once (each is kept until used)
 
 
 class Vmm:
@@ -193,6 +194,9 @@ class Vmm:
         return self.hotplug
 
     def add_fd(self, name: str, fd: int) -> None:
+        if name not in self.fds and len(self.fds) >= MAX_NAMED_FDS:
+            raise VmmError(f"getfd: {MAX_NAMED_FDS} descriptors are held already; use "
+                           "them (netdev_add) or replace one by its name")
         old = self.fds.pop(name, None)
         if old is not None:
             os.close(old)
