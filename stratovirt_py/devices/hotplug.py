@@ -16,7 +16,7 @@ import logging
 import threading
 from typing import Any, Dict, Optional, Set
 
-from ..config import DeviceConfig, DriveConfig, NetdevConfig
+from ..config import DeviceConfig, DriveConfig, NetdevConfig, check_id
 from ..errors import ConfigError, DeviceError, VmmError
 from .setup import REPLACEABLE
 
@@ -30,6 +30,8 @@ def _slot_number(addr: Optional[str], driver: str, count: int) -> Optional[int]:
     if addr is None:
         return None
     try:
+        if not addr.isascii():
+            raise ValueError(addr)
         n = int(addr, 0)
     except ValueError:
         raise ConfigError(f"device_add: invalid addr '{addr}' (a slot number such as 0x1)") from None
@@ -48,7 +50,7 @@ class Hotplug:
 
     # -- backends -------------------------------------------------------------------------
     def blockdev_add(self, args: Dict[str, Any]) -> None:
-        node = args["node-name"]
+        node = check_id("blockdev-add: node-name", args["node-name"])
         cfg = self.vmm.cfg
         if node in cfg.drives:
             raise ConfigError(f"blockdev-add: node-name '{node}' is already in use")
@@ -66,7 +68,7 @@ class Hotplug:
                                            iops_total=args.get("throttling.iops-total"))
 
     def netdev_add(self, args: Dict[str, Any]) -> None:
-        nid = args["id"]
+        nid = check_id("netdev_add", args["id"])
         cfg = self.vmm.cfg
         if nid in cfg.netdevs:
             raise ConfigError(f"netdev_add: id '{nid}' is already in use")
@@ -92,7 +94,7 @@ class Hotplug:
     # -- devices ----------------------------------------------------------------------------
     def device_add(self, args: Dict[str, Any]) -> None:
         vmm, cfg = self.vmm, self.vmm.cfg
-        dev_id, qdriver = args["id"], args["driver"]
+        dev_id, qdriver = check_id("device_add", args["id"]), args["driver"]
         driver = DRIVERS.get(qdriver)
         if driver is None:
             raise ConfigError(f"device_add: driver '{qdriver}' cannot be hot-plugged on microvm "
