@@ -182,6 +182,12 @@ class Vmm:
     def netdev_add(self, args: dict) -> None:
         self._hotplug().netdev_add(args)
 
+    def blockdev_del(self, node_name: str) -> None:
+        self._hotplug().blockdev_del(node_name)
+
+    def netdev_del(self, netdev_id: str) -> None:
+        self._hotplug().netdev_del(netdev_id)
+
     def device_add(self, args: dict) -> None:
         self._hotplug().device_add(args)
 

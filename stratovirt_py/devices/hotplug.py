@@ -13,6 +13,7 @@ as they are now.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any, Dict, Optional, Set
 
@@ -40,6 +41,12 @@ def _slot_number(addr: Optional[str], driver: str, count: int) -> Optional[int]:
         raise ConfigError(f"device_add: addr {addr} is out of range: the microvm has {count} "
                           f"replaceable {kind} slots (0..{count - 1})")
     return n
+
+
+def _refuse_if_used(cfg, key: str, ref: str, what: str) -> None:
+    users = [d.id for d in cfg.devices if d.props.get(key) == ref]
+    if users:
+        raise DeviceError(f"{what} '{ref}' is in use by device '{users[0]}' (device_del it first)")
 
 
 class Hotplug:
@@ -90,6 +97,30 @@ class Hotplug:
         with self._lock:
             fds = [self.vmm.fds.pop(name) for name in names]
             cfg.netdevs[nid] = NetdevConfig(id=nid, ifname=args.get("ifname"), fds=fds)
+
+    def blockdev_del(self, node: str) -> None:
+        cfg = self.vmm.cfg
+        with self._lock:
+            if node not in cfg.drives:
+                raise VmmError(f"blockdev-del: node-name '{node}' is not defined")
+            _refuse_if_used(cfg, "drive", node, "blockdev-del: node-name")
+            del cfg.drives[node]
+
+    def netdev_del(self, nid: str) -> None:
+        cfg = self.vmm.cfg
+        with self._lock:
+            netdev = cfg.netdevs.get(nid)
+            if netdev is None:
+                raise VmmError(f"netdev_del: netdev '{nid}' is not defined")
+            _refuse_if_used(cfg, "netdev", nid, "netdev_del: netdev")
+            if nid not in self._spent:      # never given to a device: still ours to close
+                for fd in netdev.fds:
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+            self._spent.discard(nid)
+            del cfg.netdevs[nid]
 
     # -- devices ----------------------------------------------------------------------------
     def device_add(self, args: Dict[str, Any]) -> None:
