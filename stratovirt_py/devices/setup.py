@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from ..boot import layout
 from ..config import DeviceConfig, VmConfig, parse_int
-from ..errors import ConfigError, DeviceError, SnapshotError
+from ..errors import ConfigError, DeviceError, SnapshotError, check_fields, field_error
 
 MAX_SLOTS = layout.VIRTIO_LAST_IRQ - layout.VIRTIO_FIRST_IRQ + 1
 REPLACEABLE = {"virtio-blk-device": (0, 4), "virtio-net-device": (4, 2)}   # first slot, count
@@ -50,6 +50,17 @@ class VirtioSlot:
         return {"driver": self.driver, "id": self.id, "transport": self.transport.save(),
                 "device": self.device.save()}
 
+    @staticmethod
+    def check(section: str, data: Any) -> None:
+        """The fields of a slot's section, before anything is built from them."""
+        from .virtio.mmio import MmioTransportState
+        check_fields(section, data, SLOT_FIELDS)
+        MmioTransportState.check(section, data["transport"], "transport.")
+        state_cls = _state_class(data["driver"])
+        if state_cls is None:
+            raise field_error(section, "driver", f"names no virtio device ({data['driver']!r})")
+        check_fields(section, data["device"], state_cls.FIELDS, "device.")
+
     def restore(self, data: Dict[str, Any]) -> None:
         from .virtio.mmio import MmioTransportState
         if data.get("driver") != self.driver or data.get("id") != self.id:
@@ -63,6 +74,27 @@ class VirtioSlot:
             raise SnapshotError(f"the template's state of virtio slot {self.index} is malformed: {e}") from None
         self.transport.restore(tr_state)
         self.device.restore(dev_state)
+
+
+SLOT_FIELDS = {"driver": ("str", 64), "id": ("?str", 255), "transport": ("dict",),
+               "device": ("dict",)}
+
+
+def _state_class(driver: str):
+    # Imported on demand, like the devices: a restore loads only the ones it has.
+    if driver == "virtio-blk-device":
+        from .virtio.blk import BlkState
+        return BlkState
+    if driver == "virtio-net-device":
+        from .virtio.net import NetState
+        return NetState
+    if driver == "virtio-rng-device":
+        from .virtio.rng import RngState
+        return RngState
+    if driver == "virtio-serial-device":
+        from .virtio.console import ConsoleState
+        return ConsoleState
+    return None
 
 
 def create_device(vmm, dev: DeviceConfig):
