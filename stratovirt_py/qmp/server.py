@@ -57,6 +57,10 @@ MAX_BAD_IN_A_ROW = 64              # malformed messages before a client is let g
 QUIT_FLUSH_TIMEOUT = 1.0           # how long quit waits for its reply to be sent
 CLOSE_FLUSH_TIMEOUT = 0.5          # how long close() lets pending output drain
 
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
+
 class _Client:
     """One accepted connection and everything buffered for it."""
 
@@ -162,6 +166,9 @@ class QmpServer:
     def _bind(self, address: QmpAddress) -> Tuple[socket.socket, QmpAddress, Optional[int]]:
         if address.kind == "unix":
             return self._bind_unix(address)
+        if not _is_loopback(address.host):
+            log.warning("QMP listens on %s, which is not a loopback address: QMP has no "
+                        "authentication, anyone who can reach it controls the VM", address)
         family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
