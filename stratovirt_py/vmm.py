@@ -20,6 +20,14 @@ GUEST_REASONS = {"guest-reset", "guest-shutdown", "guest-panic"}
 MAX_NAMED_FDS = 64      # getfd descriptors held at once (each is kept until used)
 
 
+def _file_stamp(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class Vmm:
     """Built by ``builder.create_vm`` (for boot or restore); implements ``qmp.machine.MachineControl``."""
 
@@ -49,6 +57,7 @@ class Vmm:
         self.migration = None          # migration.snapshot.SnapshotJob, set by the builder
         self.hotplug = None            # devices.hotplug.Hotplug, set by the builder
         self.restored_from = None      # the Template this VM was restored from
+        self._template_stamp: Optional[tuple] = None   # its memory file, when we started
         self.cleanups: List = []       # callables run once at exit (terminal mode, sockets)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -57,6 +66,7 @@ class Vmm:
         if self.iothread is not None:
             self.iothread.start()
         if self.restored_from is not None:
+            self._template_stamp = _file_stamp(self.restored_from.memory_path)
             for slot in self.virtio_slots:
                 slot.transport.resume_after_restore()
         self.group.start()
@@ -68,6 +78,13 @@ class Vmm:
 
     def request_exit(self, reason: str, code: int, message: str = "") -> None:
         """End the VM (first caller wins): SHUTDOWN event, then the main thread exits."""
+        if reason in ("guest-reset", "guest-panic") and self._template_changed():
+            # Unmodified pages of a MAP_PRIVATE mapping show what the file holds now: a
+            # template written in place makes its clones crash, which is no guest event.
+            code = 1
+            message = (f"the template's memory file {self.restored_from.memory_path} was "
+                       f"changed while this VM mapped it (then: {message or reason}); a "
+                       f"template must never be written after it was made")
         with self._exit_lock:
             if self.exit_code is not None:
                 return
@@ -84,6 +101,10 @@ class Vmm:
         while not self._exit_event.wait(3600):
             pass
         return self.exit_code or 0
+
+    def _template_changed(self) -> bool:
+        stamp = self._template_stamp
+        return stamp is not None and _file_stamp(self.restored_from.memory_path) != stamp
 
     def shutdown(self) -> None:
         """Stop the threads and run the clean-ups (called once on the main thread)."""
