@@ -8,14 +8,13 @@ vCPUs are left parked; ``Vmm.start`` lets them run.
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Optional
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Optional
 
+from .logs import get_logger
 from .boot import cpu as boot_cpu
 from .boot import layout
-from .boot.loader import load_initrd, load_kernel
-from .boot.mptable import write_mptable
-from .boot.params import write_boot_params
 from .config import VmConfig
 from .devices.i8042 import I8042
 from .devices.power import PowerButton
@@ -26,7 +25,7 @@ from .memory import GuestMemory
 from .vcpu_thread import VcpuGroup
 from .vmm import Vmm
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def create_vm(cfg: VmConfig, events: Any, memory: Optional[GuestMemory] = None) -> Vmm:
@@ -53,10 +52,6 @@ def create_vm(cfg: VmConfig, events: Any, memory: Optional[GuestMemory] = None) 
         boot_cpu.setup_cpuid(vcpu, supported, i, cfg.nr_cpus)
         vmm.vcpus.append(vcpu)
     vmm.group = VcpuGroup(vmm.vcpus, vmm.pio_bus, vmm.mmio_bus, vmm.request_exit)
-    from .migration.snapshot import SnapshotJob
-    from .devices.hotplug import Hotplug
-    vmm.migration = SnapshotJob(vmm)
-    vmm.hotplug = Hotplug(vmm)
     return vmm
 
 
@@ -86,6 +81,9 @@ def _add_legacy_devices(vmm: Vmm) -> None:
 
 
 def boot_vmm(cfg: VmConfig, events: Any) -> Vmm:
+    from .boot.loader import load_initrd, load_kernel
+    from .boot.mptable import write_mptable
+    from .boot.params import write_boot_params
     vmm = create_vm(cfg, events)
     mem = vmm.memory
     kernel = load_kernel(mem, cfg.kernel)

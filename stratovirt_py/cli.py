@@ -2,31 +2,29 @@
 
 from __future__ import annotations
 
-import logging
 import os
-import signal
+import _signal as signal    # the signal module's enums cost an import on the restore path
 import sys
-from typing import Callable, List, Optional
 
+from . import logs
 from .errors import VmmError
 
-log = logging.getLogger("stratovirt")
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Callable, List, Optional
+
+log = logs.get_logger("stratovirt")
 
 
 def _setup_logging(cfg) -> None:
-    level = logging.INFO if cfg.log_enabled else logging.WARNING
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    """Decide where records go now (a bad -D file is a start-up error); install it later."""
+    stream = None
     if cfg.log_file:
         try:
-            handler: logging.Handler = logging.FileHandler(cfg.log_file)
+            stream = open(cfg.log_file, "a", buffering=1)
         except OSError as e:
             raise VmmError(f"-D: cannot open log file {cfg.log_file}: {e.strerror}") from None
-    else:
-        handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(fmt))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    logs.configure(cfg.log_enabled, stream)
 
 
 def _daemonize() -> int:
@@ -103,16 +101,25 @@ def _pin_on_pvm() -> None:
 
 def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None) -> int:
     _pin_on_pvm()
+    # Listening first: a client that connects during the restore waits, and is served.
+    from .qmp.address import parse_qmp_address
+    from .qmp.listen import bind_all
+    listeners = bind_all([parse_qmp_address(a) for a in cfg.qmp])
     from .qmp.events import EventBus
     from .vcpu_thread import install_kick_handler
     install_kick_handler()
     events = EventBus()
-    if cfg.incoming is not None:
-        from .migration.restore import restore_vmm
-        vmm = restore_vmm(cfg, events)
-    else:
-        from .builder import boot_vmm
-        vmm = boot_vmm(cfg, events)
+    try:
+        if cfg.incoming is not None:
+            from .migration.restore import restore_vmm
+            vmm = restore_vmm(cfg, events)
+        else:
+            from .builder import boot_vmm
+            vmm = boot_vmm(cfg, events)
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
     if cfg.pidfile:
         try:
             with open(cfg.pidfile, "w") as f:
@@ -122,7 +129,8 @@ def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None)
         vmm.cleanups.append(lambda: os.path.exists(cfg.pidfile) and os.unlink(cfg.pidfile))
 
     def on_signal(signum, frame) -> None:
-        vmm.request_exit("host-signal", 0, f"received signal {signal.Signals(signum).name}")
+        import signal as named
+        vmm.request_exit("host-signal", 0, f"received signal {named.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -130,14 +138,18 @@ def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None)
     # The guest runs first and the QMP socket comes up right after: a warm start
     # does not wait for the management plane.
     vmm.start(paused=cfg.start_paused)
+    logs.start()
     from .qmp.server import QmpServer
-    server = QmpServer(vmm, events, cfg.qmp)
+    server = QmpServer(vmm, events, cfg.qmp, listeners)
     try:
         server.start()
     except VmmError:
         vmm.shutdown()
         raise
     vmm.cleanups.append(server.close)
+    stamp = getattr(vmm.restored_from, "pending_stamp", None)
+    if stamp is not None:       # verification bookkeeping, once the guest and QMP run
+        stamp()
     log.info("VM %s started (%d vCPUs, %d MiB)", cfg.name or "", cfg.nr_cpus, cfg.mem_size >> 20)
     if on_started is not None:
         on_started(vmm)
@@ -164,9 +176,10 @@ def main(argv: Optional[List[str]] = None, on_started: Optional[Callable] = None
     except KeyboardInterrupt:
         code = 1
     except Exception as e:  # a bug: still one line for the user, the trace in the log
-        logging.getLogger("stratovirt").debug("internal error", exc_info=True)
+        log.debug("internal error", exc_info=True)
         sys.stderr.write(f"stratovirt: internal error: {type(e).__name__}: {e}\n")
         code = 1
+    logs.start()
     sys.stdout.flush()
     sys.stderr.flush()
     if not exit:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Callable, Dict, Iterable, List, Optional
 
 from . import __version__
 from .config import (MAX_CPUS, ChardevConfig, DeviceConfig, DriveConfig, IncomingConfig,

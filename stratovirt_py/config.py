@@ -8,9 +8,11 @@ Everything here raises ``ConfigError`` with a message naming the option.
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from .record import asdict, field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Dict, List, Optional, Tuple
 
 from .errors import ConfigError
 
@@ -81,15 +83,21 @@ def parse_int(option: str, key: str, value: str, lo: int = 0, hi: int = 2 ** 63)
     return n
 
 
-_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE | re.ASCII)
+_UNITS = {"": MiB, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}
 
 
 def parse_mem_size(value: str) -> int:
-    m = _SIZE_RE.match(value.strip())
-    if not m:
+    """``N``, ``N[KMGT]``, ``N[KMGT]B`` or ``N[KMGT]iB`` (any case); a bare number is MiB."""
+    text = value.strip().upper()
+    for suffix in ("IB", "B"):
+        if text.endswith(suffix):
+            text = text[:-len(suffix)]
+            break
+    unit = text[-1:] if text[-1:] in "KMGT" else ""
+    digits = text[:len(text) - len(unit)]
+    if not digits or not (digits.isascii() and digits.isdigit()):
         raise ConfigError(f"-m: invalid memory size '{value}' (examples: 256, 512M, 2G)")
-    n, unit = int(m.group(1)), m.group(2).upper()
-    size = n * {"": MiB, "K": 1 << 10, "M": MiB, "G": GiB, "T": 1 << 40}[unit]
+    size = int(digits) * _UNITS[unit]
     if not MIN_MEM <= size <= MAX_MEM:
         raise ConfigError(f"-m: memory size {value} is out of range (128 MiB .. 512 GiB)")
     if size % 4096:
@@ -117,7 +125,7 @@ def check_keys(option: str, opts: Dict[str, str], allowed: Tuple[str, ...]) -> N
             raise ConfigError(f"{option}: unknown parameter '{key}'")
 
 
-@dataclass
+@record
 class DriveConfig:
     id: str
     file: str
@@ -128,7 +136,7 @@ class DriveConfig:
     iops_total: Optional[int] = None
 
 
-@dataclass
+@record
 class DeviceConfig:
     driver: str
     id: str
@@ -136,7 +144,7 @@ class DeviceConfig:
     slot: Optional[int] = None      # virtio-mmio slot, once placed
 
 
-@dataclass
+@record
 class NetdevConfig:
     id: str
     kind: str = "tap"
@@ -147,14 +155,14 @@ class NetdevConfig:
     queues: int = 1
 
 
-@dataclass
+@record
 class ObjectConfig:
     kind: str
     id: str
     props: Dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
+@record
 class ChardevConfig:
     id: str
     backend: str
@@ -163,21 +171,21 @@ class ChardevConfig:
     nowait: bool = False
 
 
-@dataclass
+@record
 class SerialConfig:
     kind: str = "none"          # stdio | pty | file | socket | chardev | none
     path: Optional[str] = None
     chardev: Optional[str] = None
 
 
-@dataclass
+@record
 class IncomingConfig:
     kind: str                   # file | unix | tcp
     path: str
     mapped: bool = True
 
 
-@dataclass
+@record
 class VmConfig:
     machine_type: str = "microvm"
     mem_share: bool = False

@@ -8,12 +8,14 @@ device error status instead of letting it escape a vCPU or I/O thread.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import struct
-from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from .record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import List, Sequence, Tuple
 
 from .errors import GuestMemoryError
 
@@ -30,7 +32,7 @@ def ram_layout(mem_size: int) -> List[Tuple[int, int]]:
     return [(0, MMIO_GAP_START), (MMIO_GAP_END, mem_size - MMIO_GAP_START)]
 
 
-@dataclass
+@record
 class MemoryRegion:
     gpa: int
     size: int
@@ -45,9 +47,10 @@ class MemoryRegion:
     @property
     def host_addr(self) -> int:
         """Host virtual address of the mapping (for KVM_SET_USER_MEMORY_REGION)."""
-        buf = (ctypes.c_char * 1).from_buffer(self.mm)
-        addr = ctypes.addressof(buf)
-        del buf
+        from .kvm.ioctls import ffi
+        buf = ffi.from_buffer(self.mm)
+        addr = int(ffi.cast("uintptr_t", buf))
+        ffi.release(buf)
         return addr
 
 

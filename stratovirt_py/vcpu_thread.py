@@ -9,16 +9,20 @@ signal whose handler does nothing.
 
 from __future__ import annotations
 
-import logging
-import signal
+# _signal, not signal: the wrapper imports enum, milliseconds before the vCPU may run
+import _signal as signal
 import threading
-from typing import Callable, List
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Callable, List
+
+from .logs import get_logger
 from .devices.bus import Bus
 from .kvm import KvmError, Vcpu
 from .kvm.ioctls import ffi, lib
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 KICK_SIGNAL = signal.SIGRTMIN
 

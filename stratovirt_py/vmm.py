@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-from typing import Any, Dict, List, Optional
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict, List, Optional
+
+from .logs import get_logger
 from .config import VmConfig
 from .devices.bus import Bus
 from .errors import VmmError
@@ -14,7 +17,7 @@ from .kvm import Kvm, Vm
 from .memory import GuestMemory
 from .vcpu_thread import VcpuGroup
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 GUEST_REASONS = {"guest-reset", "guest-shutdown", "guest-panic"}
 MAX_NAMED_FDS = 64      # getfd descriptors held at once (each is kept until used)
@@ -54,8 +57,8 @@ class Vmm:
         self._exit_event = threading.Event()
         self._exit_lock = threading.Lock()
         self._state_lock = threading.RLock()
-        self.migration = None          # migration.snapshot.SnapshotJob, set by the builder
-        self.hotplug = None            # devices.hotplug.Hotplug, set by the builder
+        self._migration = None         # migration.snapshot.SnapshotJob, made on first use
+        self._hotplug_ctl = None       # devices.hotplug.Hotplug, made on first use
         self.restored_from = None      # the Template this VM was restored from
         self._template_stamp: Optional[tuple] = None   # its memory file, when we started
         self.cleanups: List = []       # callables run once at exit (terminal mode, sockets)
@@ -139,7 +142,7 @@ class Vmm:
                 return
             if self.run_state != "paused":
                 raise VmmError(f"the VM cannot be resumed in state '{self.run_state}'")
-            if self.migration is not None and self.migration.active:
+            if self._migration is not None and self._migration.active:
                 raise VmmError("a snapshot is being written; wait for it or cancel it first")
             self.run_state = "running"
             # A snapshot drains (and so pauses) the devices; they go on with the vCPUs.
@@ -184,17 +187,23 @@ class Vmm:
                 for i in range(len(self.vcpus))]
 
     # -- snapshots (migration/snapshot.py does the work) --------------------------------------
+    # Snapshot and hot-plug machinery is built when first asked for, not before the
+    # guest runs: a warm start does not wait for it.
+    @property
+    def migration(self):
+        if self._migration is None:
+            from .migration.snapshot import SnapshotJob
+            self._migration = SnapshotJob(self)
+        return self._migration
+
     def migrate(self, uri: str) -> None:
-        if self.migration is None:
-            raise VmmError("snapshots are not available in this build")
         self.migration.start(uri)
 
     def migrate_info(self) -> dict:
-        return self.migration.info() if self.migration is not None else {"status": "none"}
+        return self.migration.info()
 
     def migrate_cancel(self) -> None:
-        if self.migration is not None:
-            self.migration.cancel()
+        self.migration.cancel()
 
     # -- hot-replace (devices/hotplug.py does the work) ---------------------------------------
     def blockdev_add(self, args: dict) -> None:
@@ -216,9 +225,10 @@ class Vmm:
         self._hotplug().device_del(dev_id)
 
     def _hotplug(self):
-        if self.hotplug is None:
-            raise VmmError("device hot-replace is not available")
-        return self.hotplug
+        if self._hotplug_ctl is None:
+            from .devices.hotplug import Hotplug
+            self._hotplug_ctl = Hotplug(self)
+        return self._hotplug_ctl
 
     def add_fd(self, name: str, fd: int) -> None:
         if name not in self.fds and len(self.fds) >= MAX_NAMED_FDS:

@@ -1,6 +1,6 @@
 """The 8250 UART, the i8042 and the power button, driven register by register."""
 
-import dataclasses
+from stratovirt_py.record import replace
 
 import pytest
 
@@ -73,7 +73,7 @@ def test_state_round_trip():
     assert v.irq == [1]                    # the pending input is announced again
     assert bytes(v.r(S.DATA) for _ in range(7)) == b"pending"
     with pytest.raises(SnapshotError):
-        v.dev.restore(dataclasses.replace(state, rx=b"x" * (S.RX_FIFO_MAX + 1)))
+        v.dev.restore(replace(state, rx=b"x" * (S.RX_FIFO_MAX + 1)))
 
 
 def test_i8042_reset_and_ctrl_alt_del():

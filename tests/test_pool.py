@@ -8,21 +8,16 @@ import time
 
 import pytest
 
-from vmtools import VmProcess
+from vmtools import PoolProcess, VmProcess
 
 pytestmark = pytest.mark.kvm
 
 
 @pytest.fixture
 def pool(tmp_path):
-    path = str(tmp_path / "pool.sock")
-    exe = os.path.join(os.path.dirname(sys.executable), "stratovirt-pool")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "stratovirt_py.pool"]
-    proc = subprocess.Popen(cmd + ["--socket", path], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "stratovirt-pool: ready"
-    yield path
-    proc.terminate()
-    proc.wait(10)
+    p = PoolProcess(str(tmp_path / "pool.sock"))
+    yield p.path
+    p.stop()
 
 
 def pool_env(path):

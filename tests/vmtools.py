@@ -196,3 +196,20 @@ class VmProcess:
 def run_cli(args: List[str], timeout: float = 30.0) -> subprocess.CompletedProcess:
     return subprocess.run(stratovirt_cmd() + list(args), stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
+
+
+class PoolProcess:
+    """A ``stratovirt-pool`` on its own socket; ``env`` makes ``stratovirt`` use it."""
+
+    def __init__(self, path: str, *extra: str):
+        self.path = path
+        exe = os.path.join(os.path.dirname(sys.executable), "stratovirt-pool")
+        self.proc = subprocess.Popen([exe, "--socket", path, *extra], stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        assert line == "stratovirt-pool: ready", f"the pool did not start: {line!r}"
+        self.env = dict(os.environ, STRATOVIRT_POOL=path)
+
+    def stop(self, sig: int = 15) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import struct
 
+from ..logs import get_logger
 from ..kvm import KvmError, Vcpu
 from ..kvm.ioctls import ffi
 from ..memory import GuestMemory
 from . import layout
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 X86_CR0_PE = 1 << 0
 X86_CR0_ET = 1 << 4

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import stat
 import struct
-from dataclasses import dataclass
-from typing import Optional
+from ..record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Optional
 
 from ..errors import BootError, GuestMemoryError
 from ..memory import GuestMemory, PAGE_SIZE
@@ -21,7 +24,7 @@ SETUP_HEADER_START = 0x1F1
 SETUP_HEADER_END = 0x268
 
 
-@dataclass
+@record
 class KernelImage:
     entry: int              # 64-bit entry point (guest-physical)
     end: int                # first byte after the loaded kernel

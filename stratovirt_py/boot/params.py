@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import struct
-from typing import List, Optional, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import List, Optional, Tuple
 
 from ..memory import GuestMemory
 from . import layout

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import bisect
 import threading
-from typing import List, Optional, Protocol, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import List, Optional, Protocol, Tuple
 
 from ..errors import ConfigError
 
+if TYPE_CHECKING:
+    class BusDevice(Protocol):
+        def read(self, offset: int, size: int) -> bytes: ...
 
-class BusDevice(Protocol):
-    def read(self, offset: int, size: int) -> bytes: ...
-
-    def write(self, offset: int, data: bytes) -> None: ...
+        def write(self, offset: int, data: bytes) -> None: ...
 
 
 class Bus:

@@ -18,23 +18,22 @@ client / pty that does not read fast enough, is dropped (and counted in ``droppe
 
 from __future__ import annotations
 
-import atexit
-import logging
 import os
-import socket
 import sys
-import termios
 import threading
-import tty
-from typing import Callable, Optional
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Callable, Optional
+    Receiver = Callable[[bytes], None]
+
+from ..logs import get_logger
 from ..errors import DeviceError
 from .iothread import IoThread
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 READ_CHUNK = 4096
-Receiver = Callable[[bytes], None]
 
 
 class CharBackend:
@@ -114,6 +113,7 @@ class SocketBackend(CharBackend):
         self.listener: Optional[socket.socket] = None
         self.client: Optional[socket.socket] = None
         self._lock = threading.Lock()   # client changes (I/O thread) vs. writes (any thread)
+        import socket           # only socket chardevs pay for it
         try:
             if server:
                 if os.path.exists(path):
@@ -214,6 +214,7 @@ class PtyBackend(CharBackend):
     def __init__(self, label: str):
         super().__init__(label)
         self.master, self._slave = os.openpty()
+        import tty
         tty.setraw(self._slave)
         os.set_blocking(self.master, False)
         # Keeping the slave open means the master never sees a hang-up when a client
@@ -257,6 +258,8 @@ class StdioBackend(CharBackend):
         self.in_fd, self.out_fd = in_fd, out_fd
         self._saved_tty = None
         if os.isatty(in_fd):
+            import atexit
+            import termios
             self._saved_tty = termios.tcgetattr(in_fd)
             mode = termios.tcgetattr(in_fd)
             mode[0] &= ~(termios.ICRNL | termios.IXON)               # iflag
@@ -296,6 +299,7 @@ class StdioBackend(CharBackend):
     def _restore_tty(self) -> None:
         if self._saved_tty is not None:
             try:
+                import termios
                 termios.tcsetattr(self.in_fd, termios.TCSANOW, self._saved_tty)
             except termios.error:
                 pass

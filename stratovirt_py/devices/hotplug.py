@@ -12,16 +12,19 @@ as they are now.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
-from typing import Any, Dict, Optional, Set
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict, Optional, Set
+
+from ..logs import get_logger
 from ..config import DeviceConfig, DriveConfig, NetdevConfig, check_id
 from ..errors import ConfigError, DeviceError, VmmError
 from .setup import REPLACEABLE
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DRIVERS = {"virtio-blk-mmio": "virtio-blk-device", "virtio-blk-device": "virtio-blk-device",
            "virtio-net-mmio": "virtio-net-device", "virtio-net-device": "virtio-net-device"}

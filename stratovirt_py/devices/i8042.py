@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Callable
 
 CMD_READ_CTR = 0x20
 CMD_WRITE_CTR = 0x60

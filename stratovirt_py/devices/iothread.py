@@ -18,17 +18,21 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import logging
 import os
 import select
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional, Tuple
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Callable, Deque, Dict, List, Optional, Tuple
+    Callback = Callable[[], None]
 
-Callback = Callable[[], None]
+from ..logs import get_logger
+
+log = get_logger(__name__)
+
 
 
 class IoThread:

@@ -7,7 +7,9 @@ guests (and any guest that knows the port) power off.
 
 from __future__ import annotations
 
-from typing import Callable
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Callable
 
 SLP_EN = 1 << 13
 

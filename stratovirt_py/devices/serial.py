@@ -8,15 +8,18 @@ which gives the edge the IOAPIC/PIC expect for an ISA IRQ.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from ..logs import get_logger
+from ..record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Callable, ClassVar, Optional
 
 from ..errors import SnapshotError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DATA, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 IER_RDA, IER_THRE, IER_RLS, IER_MSI = 1, 2, 4, 8
@@ -29,7 +32,7 @@ MSR_CTS, MSR_DSR, MSR_RI, MSR_DCD = 0x10, 0x20, 0x40, 0x80
 RX_FIFO_MAX = 4096
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SerialState:
     VERSION: ClassVar[int] = 1
     ier: int = 0

@@ -13,8 +13,11 @@ through irqfds, so neither costs a trip through a vCPU thread's Python code.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from ..record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict, List, Optional
 
 from ..boot import layout
 from ..config import DeviceConfig, VmConfig, parse_int
@@ -31,7 +34,7 @@ UNSUPPORTED = {
 }
 
 
-@dataclass
+@record
 class VirtioSlot:
     index: int
     base: int

@@ -29,16 +29,18 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import logging
 import os
-import socket
 import stat
 import struct
-from typing import List, Optional
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import List, Optional
+
+from ..logs import get_logger
 from ..errors import DeviceError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 TUN_PATH = "/dev/net/tun"
 
@@ -83,6 +85,7 @@ def _unpack_ifreq(buf: bytes):
 
 def _interface_exists(name: str) -> bool:
     try:
+        import socket
         socket.if_nametoindex(name)
         return True
     except OSError:

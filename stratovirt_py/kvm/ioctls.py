@@ -6,7 +6,9 @@ time (see ``_build.py``); ``lib.KVM_*`` is the only place they are read.
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any
 
 from ._kvm_cffi import ffi, lib
 from .errors import KvmError

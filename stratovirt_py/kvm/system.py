@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import TYPE_CHECKING, List
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import TYPE_CHECKING, List
 
 from .errors import KvmError
 from .ioctls import ffi, ioctl, lib

@@ -5,7 +5,10 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import TYPE_CHECKING, Dict, Iterable, List, Tuple
 
 from .errors import KvmError
 from .ioctls import ffi, ioctl, ioctl_ret, lib

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import TYPE_CHECKING
 
 from .errors import KvmError
 from .ioctls import ffi, ioctl, lib

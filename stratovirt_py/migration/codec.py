@@ -2,8 +2,8 @@
 
 A section's data is plain data: ``None``, ``bool``, ``int``, ``float``, ``str``,
 ``bytes`` (``bytearray``/``memoryview`` are written as bytes), ``list``, ``tuple``
-and ``dict`` with ``str`` keys; dataclass instances are converted with
-``dataclasses.asdict`` first.  Anything else is refused when writing.
+and ``dict`` with ``str`` keys; records (``stratovirt_py.record``) and dataclass
+instances are converted to dicts first.  Anything else is refused when writing.
 
 The payload is one UTF-8 JSON object (encoding name ``"tagged-json-1"``)::
 
@@ -19,16 +19,20 @@ does not grow with the number of plain values.  Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import base64
-import dataclasses
-import json
-from typing import Any, List, Union
+import binascii
+import sys
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, List, Union
+    Path = List[Union[str, int]]
+
+from .. import jsonread
 from ..errors import SnapshotError
+from ..record import asdict, is_record
 
 ENCODING = "tagged-json-1"
 
-Path = List[Union[str, int]]
 
 
 def _prepare(value: Any, path: Path, bpaths: List[Path], tpaths: List[Path], where: str) -> Any:
@@ -40,7 +44,7 @@ def _prepare(value: Any, path: Path, bpaths: List[Path], tpaths: List[Path], whe
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
         bpaths.append(list(path))
-        return base64.b64encode(bytes(value)).decode("ascii")
+        return binascii.b2a_base64(bytes(value), newline=False).decode("ascii")
     if isinstance(value, (list, tuple)):
         out = []
         for i, item in enumerate(value):
@@ -59,8 +63,12 @@ def _prepare(value: Any, path: Path, bpaths: List[Path], tpaths: List[Path], whe
             out_d[k] = _prepare(item, path, bpaths, tpaths, where)
             path.pop()
         return out_d
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _prepare(dataclasses.asdict(value), path, bpaths, tpaths, where)
+    if is_record(value):
+        return _prepare(asdict(value), path, bpaths, tpaths, where)
+    # dataclasses is never imported for this: a dataclass instance means it already was
+    dc = sys.modules.get("dataclasses")
+    if dc is not None and dc.is_dataclass(value) and not isinstance(value, type):
+        return _prepare(dc.asdict(value), path, bpaths, tpaths, where)
     raise SnapshotError(f"{where}: cannot store a value of type {type(value).__name__} "
                         f"at {_fmt(path)}")
 
@@ -78,6 +86,7 @@ def encode(value: Any, where: str = "section") -> bytes:
         doc["b"] = bpaths
     if tpaths:
         doc["t"] = tpaths
+    import json
     return json.dumps(doc, separators=(",", ":"), allow_nan=True).encode("utf-8")
 
 
@@ -101,13 +110,13 @@ def _to_tuple(x: Any) -> tuple:
 def _to_bytes(x: Any) -> bytes:
     if not isinstance(x, str):
         raise TypeError("bytes path does not name a string")
-    return base64.b64decode(x, validate=True)
+    return binascii.a2b_base64(x, strict_mode=True)
 
 
 def decode(payload: bytes, where: str = "section") -> Any:
     """Decode a payload written by ``encode``; ``SnapshotError`` when it is malformed."""
     try:
-        doc = json.loads(payload)
+        doc = jsonread.loads(payload)
         if not isinstance(doc, dict) or "v" not in doc:
             raise ValueError("not a tagged-json object")
         for path in doc.get("b", ()):

@@ -9,7 +9,10 @@ copy of the original is fine).  Every difference is named in one message.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict, List
 
 from ..config import VmConfig
 from ..errors import SnapshotError, check_fields

@@ -61,19 +61,23 @@ Every refusal is a ``SnapshotError`` with one message for the user.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import os
 import stat
 import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from ..record import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+    ProgressFn = Callable[[str, int, int], None]
 
 from .. import __version__
 from ..errors import SnapshotError
 from ..memory import PAGE_SIZE, ram_layout
+from .. import jsonread
 from . import codec, memfile, vcache
+from .digest import sha256
 from .memfile import CHECKSUM_NAME, CHUNK_SIZE, ENTRY, SnapshotCancelled, chunk_count
 
 __all__ = [
@@ -95,7 +99,6 @@ LOCK_NAME = ".lock"
 GEN_PREFIX = "gen-"
 TMP_PREFIX = ".tmp-"
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 def _utc_iso(seconds: float) -> str:
@@ -125,7 +128,7 @@ def host_cpu_vendor() -> str:
 
 # -- results -----------------------------------------------------------------------
 
-@dataclass
+@record
 class Template:
     """A template that passed the checks of ``read_template``."""
 
@@ -141,6 +144,9 @@ class Template:
     memory_allocated: int = 0  # bytes of disk the memory file uses
     memory_table: bytes = field(default=b"", repr=False)
     verify_stats: Optional[memfile.MemoryVerifyStats] = field(default=None, repr=False)
+    # After a full verification: writes the verification-cache stamp.  read_template
+    # runs it, unless asked (stamp_later) to leave it to the caller, off the critical path.
+    pending_stamp: Optional[Callable[[], bool]] = field(default=None, repr=False)
 
     @property
     def template_id(self) -> str:
@@ -160,7 +166,7 @@ class Template:
                    if ENTRY.unpack_from(self.memory_table, i)[1] == 0)
 
 
-@dataclass
+@record
 class WriteReport:
     dir: str
     template_id: str
@@ -172,7 +178,7 @@ class WriteReport:
     stamped: bool
 
 
-@dataclass
+@record
 class VerifyReport:
     dir: str
     template_id: str
@@ -241,10 +247,10 @@ def _parse_state(blob: bytes, path: str) -> Tuple[Dict[str, Any], memoryview]:
     if PREAMBLE.size + hlen + DIGEST_LEN > total:
         raise _malformed(path, "header length out of range")
     view = memoryview(blob)
-    if hashlib.sha256(view[:total - DIGEST_LEN]).digest() != blob[total - DIGEST_LEN:]:
+    if sha256(view[:total - DIGEST_LEN]).digest() != blob[total - DIGEST_LEN:]:
         raise _malformed(path, "checksum mismatch")
     try:
-        header = json.loads(bytes(view[PREAMBLE.size:PREAMBLE.size + hlen]))
+        header = jsonread.loads(bytes(view[PREAMBLE.size:PREAMBLE.size + hlen]))
     except (ValueError, RecursionError) as e:
         raise _malformed(path, f"bad header ({e})") from None
     if not isinstance(header, dict):
@@ -324,7 +330,7 @@ def _read_all(fd: int, size_hint: int) -> bytes:
 def read_template(dir: str, *, verify: Union[bool, str] = True,
                   supported: Optional[Mapping[str, int]] = None, check_host: bool = True,
                   kvm_api_version: Optional[int] = None, mem_size: Optional[int] = None,
-                  progress: Optional[ProgressFn] = None) -> Template:
+                  progress: Optional[ProgressFn] = None, stamp_later: bool = False) -> Template:
     """Read and check the template in ``dir`` (see the module docstring)."""
     if verify not in (True, False, "full"):
         raise ValueError("verify must be True, False or 'full'")
@@ -332,8 +338,12 @@ def read_template(dir: str, *, verify: Union[bool, str] = True,
     for attempt in range(3):
         gen = _current_generation(dir)
         try:
-            return _read_template(dir, verify, supported, check_host, kvm_api_version,
-                                  mem_size, progress)
+            t = _read_template(dir, verify, supported, check_host, kvm_api_version,
+                               mem_size, progress)
+            if t.pending_stamp is not None and not stamp_later:
+                t.pending_stamp()
+                t.pending_stamp = None
+            return t
         except _Vanished:
             # A writer may have switched `current` and removed the generation we
             # were reading: read the new one.
@@ -447,8 +457,9 @@ def _read_template(dir: str, verify: Union[bool, str], supported: Optional[Mappi
         else:
             t.verify_stats = memfile.verify_memory(mem_path, size, table, progress=progress)
             t.verified = "full"
-            _stamp_files(state_path, mem_path, wait=False, key=key, key_time_ns=key_time_ns,
-                         note={"template_id": t.template_id})
+            t.pending_stamp = functools.partial(
+                _stamp_files, state_path, mem_path, wait=False, key=key, key_time_ns=key_time_ns,
+                note={"template_id": t.template_id})
     return t
 
 

@@ -33,15 +33,18 @@ restored from a template) wherever the backing file has a hole.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import struct
 import threading
 import time
 import zlib
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from ..record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Callable, List, Optional, Sequence, Tuple
+    ProgressFn = Callable[[str, int, int], None]
 
 from ..errors import SnapshotError
 from ..memory import MMIO_GAP_START, PAGE_SIZE, GuestMemory, ram_layout
@@ -56,19 +59,25 @@ CHECKSUM_NAME = "crc32-nonzero-pages"
 assert MMIO_GAP_START % CHUNK_SIZE == 0  # a chunk never straddles two RAM regions
 assert CHUNK_SIZE % BLOCK_SIZE == 0 and BLOCK_SIZE % SUB_SIZE == 0 and SUB_SIZE % PAGE_SIZE == 0
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_memcmp = _libc.memcmp
-_memcmp.restype = ctypes.c_int
-_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-
 _ZERO = bytes(max(BLOCK_SIZE, READ_SPAN))
-_ZERO_ADDR = ctypes.cast(ctypes.c_char_p(_ZERO), ctypes.c_void_p).value
 _ZERO_VIEW = memoryview(_ZERO)
+_native: dict = {}      # ctypes, libc's memcmp and _ZERO's address, set up on first use
+
+
+def _ctypes():
+    """ctypes and libc's memcmp, loaded when memory is first scanned (never on a cached restore)."""
+    if not _native:
+        import ctypes
+        memcmp = ctypes.CDLL(None, use_errno=True).memcmp
+        memcmp.restype = ctypes.c_int
+        memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+        _native.update(ctypes=ctypes, memcmp=memcmp,
+                       zero=ctypes.cast(ctypes.c_char_p(_ZERO), ctypes.c_void_p).value)
+    return _native
 _ZERO_PM = bytes(CHUNK_SIZE // PAGE_SIZE * 8)
 _ONES_PM = b"\xff" * len(_ZERO_PM)
 MERGE_GAP = 64 * 1024  # holes shorter than this between data are read rather than skipped
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 class SnapshotCancelled(SnapshotError):
@@ -81,6 +90,7 @@ def chunk_count(size: int) -> int:
 
 def _buffer_address(buf) -> Tuple[int, object]:
     """Address of a writable buffer, plus the ctypes object that pins it (del it after use)."""
+    ctypes = _ctypes()["ctypes"]
     pin = (ctypes.c_char * 1).from_buffer(buf)
     return ctypes.addressof(pin), pin
 
@@ -93,8 +103,8 @@ def nonzero_pages(addr: int, length: int, mask: Optional[bytes] = None) -> List[
     entries of an anonymous mapping (0 = never touched: not present, not
     swapped); verification passes the file's data extents.
     """
-    memcmp = _memcmp
-    zero = _ZERO_ADDR
+    native = _ctypes()
+    memcmp, zero = native["memcmp"], native["zero"]
     pages: List[int] = []
     if mask is not None:
         zpm = _ZERO_PM
@@ -271,7 +281,7 @@ def chunk_entry(view: memoryview, runs: Sequence[Tuple[int, int]]) -> Tuple[int,
 
 # -- writing -----------------------------------------------------------------------
 
-@dataclass
+@record
 class MemoryWriteStats:
     size: int = 0
     data_bytes: int = 0  # bytes written (nonzero pages)
@@ -405,7 +415,7 @@ def data_extents(fd: int, size: int, start: int = 0) -> List[Tuple[int, int]]:
     return extents
 
 
-@dataclass
+@record
 class MemoryVerifyStats:
     size: int = 0
     bytes_read: int = 0

@@ -8,9 +8,11 @@ template is never written.
 
 from __future__ import annotations
 
-import logging
-from typing import Any, Dict
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict
 
+from ..logs import get_logger
 from ..config import VmConfig
 from ..devices.serial import SerialState
 from ..errors import SnapshotError
@@ -19,7 +21,7 @@ from . import compat
 from .snapshot import SECTION_VERSIONS, VIRTIO_SECTION_VERSION, check_sections
 from .vmstate import VcpuState, VmState, restore_vcpu, restore_vm
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _state(cls, data: Dict[str, Any], what: str):
@@ -37,7 +39,8 @@ def restore_vmm(cfg: VmConfig, events: Any):
     supported = dict(SECTION_VERSIONS)
     # Memory data is checked (or found in the verification cache) before the
     # configuration, so that one message lists every configuration difference.
-    template = read_template(tpl_dir, verify=True, kvm_api_version=lib.KVM_API_VERSION)
+    template = read_template(tpl_dir, verify=True, kvm_api_version=lib.KVM_API_VERSION,
+                             stamp_later=True)
     for name, (version, _) in template.sections.items():
         limit = VIRTIO_SECTION_VERSION if name.startswith("virtio:") else supported.get(name)
         if limit is None:

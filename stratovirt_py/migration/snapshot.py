@@ -8,16 +8,19 @@ template appear atomically.  ``query-migrate`` follows ``status``.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from typing import Any, Dict, List, Optional
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict, List, Optional
+
+from ..logs import get_logger
 from ..errors import ConfigError, SnapshotError, VmmError, check_fields, field_error
 from . import compat
 from .vmstate import VcpuState, VmState, save_vcpu, save_vm, saveable_msrs
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Section name -> newest version this code writes and reads.
 SECTION_VERSIONS = {"config": compat.VERSION, "vm": VmState.VERSION, "vcpus": VcpuState.VERSION,

@@ -25,15 +25,18 @@ A cache directory that cannot be written only disables the cache.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
-from typing import List, Optional, Sequence, Tuple
+
+from .digest import sha256
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import List, Optional, Sequence, Tuple
+    Key = Tuple[Tuple, ...]
 
 MAX_STAMPS = 4096
 
-Key = Tuple[Tuple, ...]
 
 
 def cache_dir() -> str:
@@ -58,7 +61,7 @@ def file_key(path: str, st: os.stat_result) -> Tuple:
 
 
 def _stamp_path(key: Sequence[Tuple]) -> str:
-    digest = hashlib.sha256(json.dumps([list(k) for k in key]).encode()).hexdigest()
+    digest = sha256(repr([list(k) for k in key]).encode()).hexdigest()
     return os.path.join(cache_dir(), digest)
 
 
@@ -82,6 +85,7 @@ def record(key: Sequence[Tuple], key_time_ns: int, note: Optional[dict] = None) 
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        import json
         with open(tmp, "w") as f:
             json.dump(body, f)
         os.replace(tmp, path)

@@ -10,14 +10,17 @@ IA32_TSC before IA32_TSC_DEADLINE, vCPU events last.
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
-from typing import ClassVar, List, Sequence, Tuple
+from ..logs import get_logger
+from ..record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import ClassVar, List, Sequence, Tuple
 
 from ..errors import U32, U64, SnapshotError, check_fields, check_value, field_error
 from ..kvm import Kvm, KvmError, Vcpu, Vm
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
@@ -27,7 +30,7 @@ SKIP_MSRS = {0x3B}   # IA32_TSC_ADJUST follows from IA32_TSC
 VCPU_BLOBS = ("regs", "sregs", "xsave", "xcrs", "debugregs", "lapic", "fpu", "mp_state")
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VcpuState:
     VERSION: ClassVar[int] = 1
     index: int
@@ -63,7 +66,7 @@ class VcpuState:
             check_value(section, where + "[1]", msr[1], ("int", 0, U64))
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class VmState:
     VERSION: ClassVar[int] = 1
     pic_master: bytes

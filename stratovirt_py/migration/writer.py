@@ -16,17 +16,20 @@ import os
 import stat
 import threading
 import time
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 from .. import __version__
 from ..errors import SnapshotError
 from ..memory import PAGE_SIZE, GuestMemory
 from . import codec, memfile
 from .format import (CURRENT_NAME, DIGEST_LEN, FORMAT_VERSION, GEN_PREFIX, LOCK_NAME, MAGIC,
-                     MEMORY_NAME, PREAMBLE, STATE_NAME, TMP_PREFIX, ProgressFn, WriteReport,
+                     MEMORY_NAME, PREAMBLE, STATE_NAME, TMP_PREFIX, WriteReport,
                      _current_generation, _stamp_files, _utc_iso,
                      host_arch, host_cpu_vendor)
 from .memfile import CHECKSUM_NAME, CHUNK_SIZE, SnapshotCancelled
+
+if TYPE_CHECKING:
+    from .format import ProgressFn
 
 # A template holds guest RAM: its owner's only, whatever the umask (which can only take
 # bits away from these).

@@ -9,8 +9,7 @@
     server.py    QmpServer: sockets, connections, ordering of events and replies
 """
 
-import importlib
-from typing import Any
+from __future__ import annotations
 
 # Names are loaded on first use: the restore path imports only what it needs.
 _EXPORTS = {
@@ -21,7 +20,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name not in _EXPORTS:
         raise AttributeError(name)
+    import importlib
     return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -6,14 +6,14 @@ nothing else for ``-qmp``; both flags are required (clap marks them so).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from ..record import record
 
 from ..errors import ConfigError
 
 _USAGE = "expected unix:PATH,server,nowait or tcp:IP:PORT,server,nowait"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class QmpAddress:
     """A parsed ``-qmp`` value."""
 

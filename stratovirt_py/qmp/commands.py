@@ -8,23 +8,27 @@ take the QMP thread down.
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from ..logs import get_logger
+from ..record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Callable, Dict, List, Optional, Tuple
+    from .machine import MachineControl
+    FdSource = Callable[[], Optional[int]]
+    Handler = Callable[["Dispatcher", Dict[str, Any], FdSource], Any]
 
 from ..errors import VmmError
 from . import schema
-from .machine import MachineControl
 from .protocol import CommandNotFound, QmpInputError, Request, error_reply, version_info
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Returns the oldest file descriptor the client passed with SCM_RIGHTS, or None.
-FdSource = Callable[[], Optional[int]]
 
 
-@dataclass
+@record
 class Outcome:
     """A reply, and what to run once that reply has reached the client."""
 
@@ -35,7 +39,6 @@ class Outcome:
     after_reply: Optional[Callable[[], None]] = None
 
 
-Handler = Callable[["Dispatcher", Dict[str, Any], FdSource], Any]
 
 
 class Dispatcher:

@@ -10,15 +10,19 @@ encodes the event and queues it for its own thread.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
 
-log = logging.getLogger(__name__)
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Callable, Dict, List, Optional
+    Event = Dict[str, Any]
+    Subscriber = Callable[[Event], None]
 
-Event = Dict[str, Any]
-Subscriber = Callable[[Event], None]
+from ..logs import get_logger
+
+log = get_logger(__name__)
+
 
 
 def timestamp(now: Optional[float] = None) -> Dict[str, int]:

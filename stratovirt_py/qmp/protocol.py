@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Union
+from ..record import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict, List, Optional, Union
 
 from ..errors import VmmError
 
@@ -199,7 +202,7 @@ class MessageSplitter:
 
 # --------------------------------------------------------------------------- requests
 
-@dataclass
+@record
 class Request:
     """A syntactically valid QMP command (arguments not yet checked)."""
 

@@ -11,13 +11,17 @@ are covered by tests.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Union
+from ..record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Dict, Mapping, Union
+    Schema = Mapping[str, Arg]
 
 from .protocol import QmpInputError
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Arg:
     """One argument: its JSON type (or a nested schema) and whether it is required."""
 
@@ -25,7 +29,6 @@ class Arg:
     required: bool = False
 
 
-Schema = Mapping[str, Arg]
 
 _TYPE_NAMES = {"str": "string", "int": "integer", "uint": "unsigned integer",
                "bool": "boolean", "list": "array", "object": "object"}

@@ -24,26 +24,30 @@ from __future__ import annotations
 
 import array
 import collections
-import logging
 import os
 import select
 import selectors
 import socket
-import stat
 import threading
 import time
-from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
+    from .machine import MachineControl
+
+from ..logs import get_logger
 from ..errors import ConfigError
 from .address import QmpAddress, parse_qmp_address
 from .commands import Dispatcher
+from . import listen
 from .events import EventBus
-from .machine import MachineControl
+from .listen import Listener
 from .protocol import (GREETING_LINE, MAX_MESSAGE_BYTES, MessageSplitter, QmpInputError,
                        RequestError, TooLong, describe, encode, error_reply, parse_request,
                        safe_encode)
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 RECV_SIZE = 64 * 1024
 BATCH = 32                         # messages of one client per loop turn
@@ -86,18 +90,27 @@ _LISTENER = object()
 _WAKE = object()
 
 
+def _family(address: QmpAddress) -> int:
+    if address.kind == "unix":
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ":" in address.host else socket.AF_INET
+
+
 class QmpServer:
     """QMP over unix and/or TCP sockets for one machine."""
 
     def __init__(self, machine: MachineControl, events: EventBus,
-                 addresses: Sequence[Union[str, QmpAddress]]) -> None:
+                 addresses: Sequence[Union[str, QmpAddress]],
+                 listeners: Optional[List[Listener]] = None) -> None:
+        """``listeners``: the addresses already bound (``listen.bind_all``), served from start()."""
         self._addresses = [a if isinstance(a, QmpAddress) else parse_qmp_address(a)
                            for a in addresses]
         self._dispatcher = Dispatcher(machine)
         self._events = events
         self._lock = threading.Lock()                 # guards _event_queue
         self._event_queue: Deque[bytes] = collections.deque()
-        self._listeners: List[Tuple[socket.socket, QmpAddress, Optional[int]]] = []
+        self._bound = listeners
+        self._listeners: List[Tuple[socket.socket, Listener]] = []
         self._clients: Dict[int, _Client] = {}
         self._selector: Optional[selectors.BaseSelector] = None
         self._wake_r = self._wake_w = -1
@@ -110,17 +123,22 @@ class QmpServer:
         """Bind every address (so clients can connect once this returns) and serve."""
         if self._selector is not None or self._closed:
             raise RuntimeError("QmpServer.start() called twice")
-        try:
-            for address in self._addresses:
-                self._listeners.append(self._bind(address))
-        except BaseException:
-            self._close_listeners()
-            raise
+        bound = self._bound if self._bound is not None else listen.bind_all(self._addresses)
+        self._bound = None
+        for listener in bound:
+            address = listener.address
+            if address.kind == "tcp" and not _is_loopback(address.host):
+                log.warning("QMP listens on %s, which is not a loopback address: QMP has no "
+                            "authentication, anyone who can reach it controls the VM", address)
+            family = _family(address)
+            self._listeners.append((socket.socket(family, socket.SOCK_STREAM, fileno=listener.fd),
+                                    listener))
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
-        for sock, address, _ino in self._listeners:
-            self._selector.register(sock, selectors.EVENT_READ, (_LISTENER, address))
+        for sock, listener in self._listeners:
+            sock.setblocking(False)
+            self._selector.register(sock, selectors.EVENT_READ, (_LISTENER, listener.address))
         self._events.subscribe(self._on_event)
         self._thread = threading.Thread(target=self._run, name="qmp", daemon=True)
         self._thread.start()
@@ -133,6 +151,9 @@ class QmpServer:
         self._stopping = True
         thread = self._thread
         if thread is None:
+            for listener in self._bound or ():
+                listener.close()
+            self._bound = None
             self._close_listeners()
             return
         self._wake()
@@ -153,7 +174,8 @@ class QmpServer:
     def bound_addresses(self) -> List[str]:
         """The addresses actually listened on (a TCP port 0 shows the chosen port)."""
         result = []
-        for sock, address, _ino in self._listeners:
+        for sock, listener in self._listeners:
+            address = listener.address
             if address.kind == "tcp":
                 address = QmpAddress("tcp", host=address.host, port=sock.getsockname()[1])
             result.append(str(address))
@@ -163,60 +185,10 @@ class QmpServer:
     def client_count(self) -> int:
         return len(self._clients)
 
-    def _bind(self, address: QmpAddress) -> Tuple[socket.socket, QmpAddress, Optional[int]]:
-        if address.kind == "unix":
-            return self._bind_unix(address)
-        if not _is_loopback(address.host):
-            log.warning("QMP listens on %s, which is not a loopback address: QMP has no "
-                        "authentication, anyone who can reach it controls the VM", address)
-        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((address.host, address.port))
-            sock.listen(16)
-            sock.setblocking(False)
-        except OSError as err:
-            sock.close()
-            raise ConfigError(f"cannot listen for QMP on {address}: {err.strerror or err}") from err
-        return sock, address, None
-
-    def _bind_unix(self, address: QmpAddress) -> Tuple[socket.socket, QmpAddress, Optional[int]]:
-        path = address.path
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            mode = None
-        except OSError as err:
-            raise ConfigError(f"cannot use QMP socket path {path}: {err.strerror}") from err
-        if mode is not None:
-            # A socket left by a previous run is replaced; anything else is the
-            # user's file and is not ours to delete.
-            if not stat.S_ISSOCK(mode):
-                raise ConfigError(f"QMP socket path {path} exists and is not a socket")
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.bind(path)
-            os.chmod(path, 0o600)  # as StratoVirt: the monitor is the owner's only
-            sock.listen(16)
-            sock.setblocking(False)
-            ino = os.stat(path).st_ino
-        except OSError as err:
-            sock.close()
-            raise ConfigError(f"cannot listen for QMP on {address}: {err.strerror or err}") from err
-        return sock, address, ino
-
     def _close_listeners(self) -> None:
-        for sock, address, ino in self._listeners:
-            sock.close()
-            if address.kind == "unix":
-                # Only remove the file if it is still the socket we created.
-                try:
-                    if os.stat(address.path).st_ino == ino:
-                        os.unlink(address.path)
-                except OSError:
-                    pass
+        for sock, listener in self._listeners:
+            sock.detach()           # the Listener owns the descriptor
+            listener.close()
         self._listeners = []
 
     # ------------------------------------------------------------------ events

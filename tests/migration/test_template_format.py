@@ -712,13 +712,14 @@ def test_readers_during_rewrites(tmp_path, guest):
 @pytest.fixture
 def memcmp_bytes(monkeypatch):
     """Count the bytes the zero detection compares (i.e. reads)."""
-    real = memfile._memcmp
+    native = memfile._ctypes()
+    real = native["memcmp"]
     seen = {"bytes": 0}
 
     def counting(a, b, n):
         seen["bytes"] += n
         return real(a, b, n)
-    monkeypatch.setattr(memfile, "_memcmp", counting)
+    monkeypatch.setitem(native, "memcmp", counting)
     return seen
 
 

@@ -17,23 +17,26 @@ synchronously on the I/O thread whatever it says.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
-import logging
 import mmap
 import os
 import stat
 import struct
 import time
-from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Tuple
+from ...logs import get_logger
+from ...record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from .queue import Segment
+    from typing import ClassVar, List, Optional, Tuple
 
 from ...errors import DeviceError, SnapshotError
 from .device import (COMMON_FEATURES, VIRTIO_ID_BLOCK, VirtioDevice, bit)
-from .queue import DescriptorChain, QueueError, Segment, slice_segments
+from .queue import DescriptorChain, QueueError, slice_segments
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 SECTOR_SIZE = 512
 BOUNCE_CHUNK = 1 << 20   # unaligned requests are copied through at most this much at a time
@@ -74,13 +77,11 @@ _SEGMENT = struct.Struct("<QII")
 # struct flock on x86_64: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad)
 _FLOCK = "hhqqi4x"
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
-
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
+    import ctypes       # only a guest's discard or write-zeroes gets here
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if libc.fallocate(fd, mode, offset, length) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
 
@@ -109,7 +110,7 @@ class TokenBucket:
         return max(0.001, (1.0 - self.tokens) / self.rate)
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class BlkState:
     VERSION: ClassVar[int] = 1
     path: str

@@ -14,10 +14,10 @@ held back (the backend drops what it cannot take), so there is no pending output
 
 from __future__ import annotations
 
-import logging
 import struct
 import threading
-from dataclasses import dataclass
+from ...logs import get_logger
+from ...record import record
 from typing import ClassVar, Optional
 
 from ...errors import SnapshotError
@@ -25,7 +25,7 @@ from ..chardev import CharBackend
 from ..iothread import IoThread
 from .device import COMMON_FEATURES, VIRTIO_ID_CONSOLE, VirtioDevice, bit
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 QUEUE_SIZE = 256
 RX_QUEUE = 0
@@ -39,7 +39,7 @@ VIRTIO_CONSOLE_F_EMERG_WRITE = 2
 EMERG_WR_OFFSET = 8
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ConsoleState:
     VERSION: ClassVar[int] = 1
     pending_input: bytes

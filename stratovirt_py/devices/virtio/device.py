@@ -16,15 +16,17 @@ them into DEVICE_NEEDS_RESET.
 
 from __future__ import annotations
 
-import logging
-from typing import TYPE_CHECKING, Callable, ClassVar, List, Optional, Tuple
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import TYPE_CHECKING, Callable, ClassVar, List, Optional, Tuple
 
+from ...logs import get_logger
 from .queue import Queue
 
 if TYPE_CHECKING:
     from .mmio import MmioTransport
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 # Device IDs (virtio 1.x, "Device Types").
 VIRTIO_ID_NET = 1

@@ -31,12 +31,15 @@ then ignores its queues until the driver resets it (writes 0 to Status).
 
 from __future__ import annotations
 
-import logging
 import os
 import struct
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, ClassVar, List, Optional, Set, Tuple
+from ...logs import get_logger
+from ...record import field, record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import Callable, ClassVar, List, Optional, Set, Tuple
 
 from ...errors import U32, U64, SnapshotError, check_fields
 from ...memory import GuestMemory
@@ -47,7 +50,7 @@ from .device import (INT_CONFIG_CHANGE, INT_USED_BUFFER, STATUS_ACKNOWLEDGE,
                      VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC, VirtioDevice, bit)
 from .queue import Queue, QueueError, QueueState
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 MMIO_SLOT_SIZE = 0x200
 MAGIC_VALUE = 0x74726976
@@ -118,7 +121,7 @@ class CountingIrq:
 
 
 # -- persist --------------------------------------------------------------------------
-@dataclass(frozen=True)
+@record(frozen=True)
 class MmioTransportState:
     VERSION: ClassVar[int] = 1
     device_id: int

@@ -33,14 +33,16 @@ slot again) and raises a configuration-change interrupt for the link status.
 from __future__ import annotations
 
 import errno
-import logging
-import re
 import select
 import struct
 import threading
 import zlib
-from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Tuple
+from ...logs import get_logger
+from ...record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import ClassVar, List, Optional, Tuple
 
 from ...errors import U32, ConfigError, DeviceError, SnapshotError
 from ..tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN,
@@ -48,7 +50,7 @@ from ..tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO,
 from .device import COMMON_FEATURES, VIRTIO_ID_NET, VirtioDevice, bit
 from .queue import DescriptorChain, Queue, QueueError
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 QUEUE_SIZE = 256
 RX_QUEUE = 0
@@ -79,7 +81,6 @@ OFFLOAD_FEATURES = (bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM) |
                     bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6) |
                     bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6))
 
-_MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 _ZERO_HDR = bytes(HDR_LEN - 2)
@@ -88,7 +89,9 @@ _ZERO_HDR = bytes(HDR_LEN - 2)
 # -- MAC addresses ---------------------------------------------------------------------------
 def parse_mac(value: str, where: str) -> bytes:
     """``aa:bb:cc:dd:ee:ff`` -> 6 bytes; a ``ConfigError`` naming ``where`` otherwise."""
-    if not _MAC_RE.match(value or ""):
+    parts = (value or "").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 and all(c in "0123456789abcdefABCDEF" for c in p)
+                                  for p in parts):
         raise ConfigError(f"{where}: invalid mac '{value}' (expected six hex bytes separated "
                           f"by ':', e.g. 52:54:00:12:34:56)")
     mac = bytes(int(x, 16) for x in value.split(":"))
@@ -126,7 +129,7 @@ def guest_offloads(acked: int) -> int:
     return flags
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class NetState:
     VERSION: ClassVar[int] = 1
     mac: str               # aa:bb:cc:dd:ee:ff

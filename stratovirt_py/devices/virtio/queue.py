@@ -25,8 +25,12 @@ from __future__ import annotations
 
 import struct
 import threading
-from dataclasses import dataclass
-from typing import ClassVar, List, Optional, Tuple
+from ...record import record
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs an import at run time
+    from typing import ClassVar, List, Optional, Tuple
+    Segment = Tuple[int, int]  # (guest address, length)
 
 from ...errors import U64, SnapshotError
 from ...memory import GuestMemory
@@ -57,7 +61,6 @@ class QueueError(Exception):
     """The guest put something invalid in a virtqueue (never reaches the user as a VmmError)."""
 
 
-Segment = Tuple[int, int]  # (guest address, length)
 
 
 def slice_segments(segments: List[Segment], offset: int, length: Optional[int]) -> List[Segment]:
@@ -121,7 +124,7 @@ class DescriptorChain:
         return f"DescriptorChain(head={self.head}, readable={self.readable}, writable={self.writable})"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class QueueState:
     VERSION: ClassVar[int] = 1
     max_size: int

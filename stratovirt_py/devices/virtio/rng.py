@@ -10,22 +10,22 @@ right now (EAGAIN) completes the buffer with 0 bytes; the driver asks again.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import time
-from dataclasses import dataclass
+from ...logs import get_logger
+from ...record import record
 from typing import ClassVar, Optional
 
 from ...errors import DeviceError
 from .device import COMMON_FEATURES, VIRTIO_ID_RNG, VirtioDevice
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 QUEUE_SIZE = 256
 MAX_READ = 64 * 1024  # bytes read per request at most
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class RngState:
     VERSION: ClassVar[int] = 1
     path: str

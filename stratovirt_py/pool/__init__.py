@@ -1,0 +1,1 @@
+"""``stratovirt-pool``: a warm interpreter that forks VM processes for ``stratovirt``."""
