@@ -114,6 +114,8 @@ def _load_elf(mem: GuestMemory, path: str, data: bytes) -> KernelImage:
 
 
 def _load_bzimage(mem: GuestMemory, path: str, data: bytes) -> KernelImage:
+    if len(data) < SETUP_HEADER_END:
+        raise BootError(f"kernel file {path} is truncated (in its setup header)")
     version = struct.unpack_from("<H", data, 0x206)[0]
     if version < 0x202:
         raise BootError(f"kernel file {path} uses boot protocol {version >> 8}.{version & 0xff:02}, "
