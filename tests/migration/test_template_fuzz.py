@@ -1,10 +1,14 @@
 """Property test of the section checks: whatever one field of a restorable template is
 replaced with (or dropped), ``check_sections`` either refuses it with a SnapshotError or
 lets through only what the state classes can be built from, with the types the code
-expects (no TypeError/KeyError later, on the restore path or on a vCPU thread)."""
+expects (no TypeError/KeyError later, on the restore path or on a vCPU thread).  And the
+same for one field of the state header, checksums recomputed: ``read_template`` reads
+it or refuses it with a SnapshotError."""
 
 import copy
+import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -108,3 +112,59 @@ def test_one_crafted_field_is_refused_or_harmless(path, value, drop):
                 or (original is None and isinstance(value, str)))      # an optional string
         assert same or (value is None and path[-1] in ("id", "slot", "serial", "mac",
                                                          "drive_size")), (path, value)
+
+
+# -- the state header, with valid checksums -----------------------------------------------------
+HEADER_VALUES = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-2, 1 << 40),
+                          st.text(max_size=12), st.lists(st.integers(), max_size=3),
+                          st.dictionaries(st.text(max_size=6), st.integers(), max_size=2))
+
+
+@pytest.fixture(scope="module")
+def small_template(tmp_path_factory):
+    from stratovirt_py.memory import GuestMemory
+    from stratovirt_py.migration.format import write_template
+    d = tmp_path_factory.mktemp("hdr") / "tpl"
+    mem = GuestMemory.anonymous(16 << 20)
+    try:
+        write_template(str(d), {"kvm_api_version": 12}, RESTORABLE, mem)
+    finally:
+        mem.close()
+    return d
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data(), value=HEADER_VALUES, drop=st.booleans())
+def test_a_crafted_header_field_is_read_or_refused(small_template, tmp_path_factory, data, value,
+                                                   drop):
+    """Any one header field replaced (checksum recomputed): SnapshotError or a template."""
+    import json
+    import shutil
+    from stratovirt_py.migration.format import read_template
+    from tplhelpers import rewrite_state
+    d = tmp_path_factory.getbasetemp() / "hdr-case"
+    shutil.rmtree(d, ignore_errors=True)
+    shutil.copytree(small_template, d, symlinks=True)
+    state = os.path.realpath(d / "state")
+    os.chmod(state, 0o600)
+    blob = open(state, "rb").read()
+    from stratovirt_py.migration.format import PREAMBLE
+    hlen = PREAMBLE.unpack_from(blob)[2]
+    header = json.loads(blob[PREAMBLE.size:PREAMBLE.size + hlen])
+    path = data.draw(st.sampled_from(list(_leaves(header))[1:]))
+
+    def mutate(h):
+        parent = h
+        for p in path[:-1]:
+            parent = parent[p]
+        if drop and isinstance(parent, dict):
+            del parent[path[-1]]
+        else:
+            parent[path[-1]] = value
+    rewrite_state(d, mutate_header=mutate)
+    for verify in (False, "full"):
+        try:
+            read_template(str(d), verify=verify, check_host=False)
+        except SnapshotError:
+            pass
