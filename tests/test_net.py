@@ -372,7 +372,12 @@ def test_netdev_add_takes_only_getfd_descriptors_once(kvm, netns, guest_elf, tmp
         assert "getfd" in q.cmd("netdev_add", id="hn0", fd=str(vmfd))["error"]["desc"]
         assert q.cmd("netdev_add", id="hn0", fds="tap1") == {"return": {}}
         assert "no file descriptor named 'tap1'" in q.cmd("netdev_add", id="hn1", fds="tap1")["error"]["desc"]
+        assert q.cmd("netdev_add", id="other", ifname="svtap0") == {"return": {}}
+        assert q.cmd("device_add", id="onet", driver="virtio-net-mmio", netdev="other",
+                     addr="0x0") == {"return": {}}
         dev = dict(id="hnet0", driver="virtio-net-mmio", netdev="hn0", addr="0x0")
+        assert "occupied" in q.cmd("device_add", **dev)["error"]["desc"]   # fds not used yet
+        dev["addr"] = "0x1"
         assert q.cmd("device_add", **dev) == {"return": {}}
         assert q.cmd("device_del", id="hnet0") == {"return": {}}
         r = q.cmd("device_add", **dev)

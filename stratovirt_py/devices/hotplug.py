@@ -150,7 +150,6 @@ class Hotplug:
             if ref in self._spent:
                 raise ConfigError(f"device_add: the file descriptors of netdev '{ref}' were "
                                   "used by a device already; add a new netdev")
-            self._spent.add(ref)
         props = {ref_key: ref}
         for key in ("serial", "mac"):
             if key in args:
@@ -170,6 +169,8 @@ class Hotplug:
                 slot = free[0]
             dev = DeviceConfig(driver=driver, id=dev_id, props=props, slot=slot.index)
             from .setup import create_device
+            if ref_key == "netdev" and table[ref].fds:
+                self._spent.add(ref)    # from here on the tap code may adopt or close them
             backend = create_device(vmm, dev)
             try:
                 slot.transport.replace_backend(backend)
