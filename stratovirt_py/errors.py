@@ -59,7 +59,7 @@ def field_error(section: str, field: str, problem: str) -> SnapshotError:
     return SnapshotError(f"template section '{section}': field '{field}' {problem}")
 
 
-def check_value(section: str, field: str, value, spec: tuple) -> None:
+def check_value(section: str, field: str, value: object, spec: tuple) -> None:
     """One value against one spec entry (see above)."""
     kind = spec[0]
     if kind[0] == "?":
@@ -79,7 +79,7 @@ def check_value(section: str, field: str, value, spec: tuple) -> None:
         raise field_error(section, field, f"is {len(value)} long, more than {spec[1]}")
 
 
-def check_fields(section: str, data, spec: dict, prefix: str = "") -> None:
+def check_fields(section: str, data: object, spec: dict, prefix: str = "") -> None:
     """``data`` must be a dict with exactly the fields of ``spec``, each within it."""
     if not isinstance(data, dict):
         raise field_error(section, prefix.rstrip(".") or "(all)",

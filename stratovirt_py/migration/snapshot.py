@@ -15,6 +15,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Any, Dict, List, Optional
 
+    from .format import Template
+
 from ..logs import get_logger
 from ..errors import ConfigError, SnapshotError, VmmError, check_fields, field_error
 from . import compat
@@ -28,7 +30,7 @@ SECTION_VERSIONS = {"config": compat.VERSION, "vm": VmState.VERSION, "vcpus": Vc
 VIRTIO_SECTION_VERSION = 1
 
 
-def check_sections(template) -> None:
+def check_sections(template: Template) -> None:
     """What a restore would refuse in the sections, found before anything is built: an
     unknown section, a newer version, a field of the wrong type or out of range.
     ``stratovirt-snapshot verify`` runs the same checks."""

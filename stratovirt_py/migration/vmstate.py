@@ -52,7 +52,7 @@ class VcpuState:
         "msrs": ("list", 4096), "vcpu_events": ("bytes", 1 << 20), "tsc_khz": ("int", 0, U32)}
 
     @classmethod
-    def check(cls, section: str, data, i: int) -> None:
+    def check(cls, section: str, data: dict, i: int) -> None:
         prefix = f"[{i}]."
         check_fields(section, data, cls.FIELDS, prefix)
         if all(type(m) is tuple and len(m) == 2 and type(m[0]) is int and type(m[1]) is int

@@ -143,7 +143,7 @@ class MmioTransportState:
         "config_generation": ("int", 0, U32), "queues": ("list", 64)}
 
     @classmethod
-    def check(cls, section: str, data, prefix: str) -> None:
+    def check(cls, section: str, data: dict, prefix: str) -> None:
         check_fields(section, data, cls.FIELDS, prefix)
         for i, q in enumerate(data["queues"]):
             check_fields(section, q, QueueState.FIELDS, f"{prefix}queues[{i}].")
