@@ -36,6 +36,7 @@ import argparse
 import os
 import shutil
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -182,10 +183,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dirty-cap", type=int, default=768, help="largest initrd, MiB")
     ap.add_argument("--hb", type=int, default=1, help="heartbeat interval (ms) of the template guest")
     ap.add_argument("--clones", default="1,10,50", help="clone counts")
+    ap.add_argument("--fanout", default="16,50", help="restores started at once, comma separated")
     ap.add_argument("--clone-mem", type=int, default=256)
     ap.add_argument("--clone-state", default="dirty", choices=["idle", "dirty"])
     ap.add_argument("--cold", action="store_true", help="evict the template from the page cache before each restore")
-    ap.add_argument("--parts", default="snapshot,restore,clones,plot")
+    ap.add_argument("--parts", default="snapshot,restore,clones,fanout,plot")
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--pool", action="store_true",
                     help="also measure stratovirt-py forking VMs from a warm stratovirt-pool")
@@ -213,6 +215,8 @@ def main(argv=None) -> int:
             run_snap_restore(b, a, sizes, states, parts, results)
         if "clones" in parts:
             run_clones(b, a, counts, results)
+        if "fanout" in parts:
+            run_fanout(b, a, [int(n) for n in a.fanout.split(",") if n], results)
     finally:
         if b.pool:
             b.pool.close()
@@ -358,6 +362,73 @@ def run_clones(b: Bench, a, counts, results) -> None:
             f"Clones of one {mem} MiB {state} template"
             + (f" (initrd {rd >> 20} MiB of random data)" if rd else "")
             + ": sum of PSS over the VMM processes (MiB)")
+
+
+def fanout(b: Bench, peer: str, n: int, mem: int, path: str, last_beat: int) -> dict:
+    """``n`` restores of one template started as fast as possible; per VM, its own
+    spawn -> first heartbeat after the restore (QEMU: incoming done, then ``cont``,
+    each VM on its own thread so that no VM waits for another's turn)."""
+    inc = f"exec:cat {path}" if peer == "qemu" else f"file:{path}"
+    vms, lat, failed = [], [], 0
+    try:
+        for _ in range(n):
+            argv, qmp = b.argv(peer, mem, "idle", 200, ["-incoming", inc])
+            vms.append(C.Vmm(peer, argv, qmp, env=b.env(peer)))
+        if peer == "qemu":
+            def cont(vm):
+                q = vm.qmp(timeout=300)
+                while q.execute("query-status")["status"] == "inmigrate":
+                    time.sleep(0.001)
+                q.execute("cont")
+            threads = [threading.Thread(target=cont, args=(vm,), daemon=True) for vm in vms]
+            for t in threads:
+                t.start()
+        for vm in vms:
+            try:
+                t, beat = vm.wait_heartbeat(300)
+                if beat <= last_beat:
+                    raise RuntimeError(f"heartbeat {beat} after a template at {last_beat}")
+                lat.append(t)
+            except (RuntimeError, TimeoutError) as e:
+                failed += 1
+                print(f"{peer}: a restore failed: {e}", file=sys.stderr)
+        time.sleep(0.3)
+        pss = sum(C.smaps_rollup(vm.pid).get("Pss", 0) for vm in vms)
+    finally:
+        for vm in vms:
+            vm.kill()
+    lat.sort()
+
+    def pct(q):
+        return lat[min(len(lat) - 1, int(round(q * (len(lat) - 1))))] if lat else float("nan")
+    return {"n": n, "failed": failed, "p50": pct(0.5), "p90": pct(0.9), "p99": pct(0.99),
+            "pss_per_vm": pss / n}
+
+
+def run_fanout(b: Bench, a, counts, results) -> None:
+    mem = a.clone_mem
+    keep = {}
+    for p in b.peers:
+        path = os.path.join(b.tmp, f"fanout-tpl-{p}")
+        r = b.make_template("ours" if p == "pool" else p, mem, "idle", 200, path)
+        keep[p] = (path, r["last_beat"])
+    rows = []
+    results["fanout"] = {}
+    for n in counts:
+        row = {p: fanout(b, p, n, mem, *keep[p]) for p in b.peers}
+        results["fanout"][n] = row
+        q = row.get("qemu")
+        for p in b.peers:
+            r = row[p]
+            rows.append([f"{n} at once", NAMES[p], str(r["failed"]),
+                         *(f"{r[k]:.1f}" for k in ("p50", "p90", "p99")),
+                         *(C.ratio(r[k], q[k]) if q and p != "qemu" else "-"
+                           for k in ("p50", "p90", "p99")),
+                         mib(r["pss_per_vm"])])
+    C.table(["fan-out", "VMM", "failed", "p50 ms", "p90 ms", "p99 ms", "p50/QEMU", "p90/QEMU",
+             "p99/QEMU", "PSS/VM MiB"], rows,
+            f"Fan-out: N restores of one {mem} MiB idle template started at once, "
+            "each timed from its own spawn to its first heartbeat")
 
 
 def meminfo(field: str) -> int:

@@ -32,14 +32,16 @@ def create_vm(cfg: VmConfig, events: Any, memory: Optional[GuestMemory] = None) 
     """Everything common to boot and restore; RAM comes from ``memory`` when given."""
     kvm = Kvm()
     vm = kvm.create_vm()
+    if memory is None:
+        memory = GuestMemory.anonymous(cfg.mem_size)
+    # RAM before the irqchip: once an irqchip exists, every memslot change waits for
+    # an SRCU grace period on kvm_pvm (~8 ms measured), before it, none (~0.1 ms).
+    for slot, region in enumerate(memory.regions):
+        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
     vm.set_tss_addr()
     vm.set_identity_map_addr()
     vm.create_irqchip()
     vm.create_pit2()
-    if memory is None:
-        memory = GuestMemory.anonymous(cfg.mem_size)
-    for slot, region in enumerate(memory.regions):
-        vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr)
     vmm = Vmm(cfg, kvm, vm, memory, events)
     from .devices.iothread import IoThread
     vmm.iothread = IoThread()

@@ -78,29 +78,9 @@ def run(argv: List[str], on_started: Optional[Callable] = None) -> int:
     return code
 
 
-def _pin_on_pvm() -> None:
-    """Keep all of the VMM's threads on one host CPU when KVM is kvm_pvm.
-
-    On hosts whose /dev/kvm is PVM (software virtualization, no VMX/SVM), a guest
-    running on one CPU was seen to read stale guest memory while the VMM's I/O
-    thread, on another CPU, wrote it (virtio used-ring updates lost: reproduced with
-    the test guest's block benchmark in 10 runs of 12, never with the process on
-    one CPU). One CPU costs little here: the interpreter lock serialises the VMM's
-    Python threads anyway. STRATOVIRT_PVM_PIN=off turns this off.
-    """
-    if os.environ.get("STRATOVIRT_PVM_PIN", "on") == "off" or not os.path.exists("/sys/module/kvm_pvm"):
-        return
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-        cpu = cpus[os.getpid() % len(cpus)]
-        os.sched_setaffinity(0, {cpu})
-        log.info("kvm_pvm host: the VMM runs on CPU %d", cpu)
-    except OSError as e:
-        log.warning("kvm_pvm host: cannot pin the VMM to one CPU: %s", e)
-
-
 def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None) -> int:
-    _pin_on_pvm()
+    from . import pinning
+    pinning.choose()
     # Listening first: a client that connects during the restore waits, and is served.
     from .qmp.address import parse_qmp_address
     from .qmp.listen import bind_all

@@ -17,6 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Callable, List
 
+from . import pinning
 from .logs import get_logger
 from .devices.bus import Bus
 from .kvm import KvmError, Vcpu
@@ -71,6 +72,9 @@ class VcpuGroup:
         with self._cond:
             self._want_pause = False
             self._cond.notify_all()
+            # Wait (without the GIL) until they have left the park: otherwise the
+            # caller keeps the GIL and a vCPU waits out the 5 ms switch interval.
+            self._cond.wait_for(lambda: self._parked == 0 or self._stopping, timeout=1.0)
 
     def stop(self) -> None:
         with self._cond:
@@ -106,9 +110,11 @@ class VcpuGroup:
             while self._want_pause and not self._stopping:
                 self._cond.wait()
             self._parked -= 1
+            self._cond.notify_all()
             return not self._stopping
 
     def _thread_main(self, vcpu: Vcpu) -> None:
+        pinning.pin_this_thread()
         self.thread_ids[vcpu.index] = threading.get_native_id()
         try:
             self._loop(vcpu)

@@ -43,7 +43,7 @@ COMMON = {
     "stratovirt_py.kvm.errors", "stratovirt_py.kvm.ioctls", "stratovirt_py.kvm.system",
     "stratovirt_py.kvm.vcpu", "stratovirt_py.kvm.vm", "stratovirt_py.logs", "stratovirt_py.memory",
     "stratovirt_py.qmp", "stratovirt_py.qmp.address", "stratovirt_py.qmp.events",
-    "stratovirt_py.qmp.listen", "stratovirt_py.record", "stratovirt_py.vcpu_thread",
+    "stratovirt_py.qmp.listen", "stratovirt_py.pinning", "stratovirt_py.record", "stratovirt_py.vcpu_thread",
     "stratovirt_py.vmm",
 }
 RESTORE = STDLIB | COMMON | {
@@ -112,3 +112,62 @@ def test_boot_imports_stay_within_budget(kvm, guest_elf, tmp_path):
     loaded = modules_before_first_run(hb_args(guest_elf), tmp_path)
     _check(loaded, BOOT, "boot")
     assert "stratovirt_py.boot.loader" in loaded
+
+
+def _allowed(pid, tid):
+    with open(f"/proc/{pid}/task/{tid}/status") as f:
+        for line in f:
+            if line.startswith("Cpus_allowed_list:"):
+                return line.split(":", 1)[1].strip()
+    raise AssertionError("no Cpus_allowed_list")
+
+
+def test_kvm_pvm_data_planes_spread_over_cpus(kvm, guest_elf, tmp_path):
+    """On kvm_pvm the vCPU and I/O threads of a VM share one CPU (see pinning.py), the
+    main thread floats, and VMs started one after another get different CPUs."""
+    from vmtools import VmProcess
+    if not os.path.exists("/sys/module/kvm_pvm") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("only kvm_pvm hosts with 2+ CPUs pin the data plane")
+    all_cpus = _allowed(os.getpid(), os.getpid())
+    vms, cpus = [], []
+    try:
+        for i in range(2):
+            vm = VmProcess(hb_args(guest_elf), tmp_path)
+            vms.append(vm)
+            vm.wait_for(r"^heartbeat 1$")
+            tid = vm.qmp().cmd("query-cpus")["return"][0]["thread_id"]
+            cpu = _allowed(vm.proc.pid, tid)
+            assert "," not in cpu and "-" not in cpu, cpu     # one CPU
+            assert _allowed(vm.proc.pid, vm.proc.pid) == all_cpus
+            cpus.append(cpu)
+        assert cpus[0] != cpus[1]
+    finally:
+        for vm in vms:
+            vm.kill()
+
+
+def test_qmp_listens_before_the_guest_runs_and_serves_early_clients(kvm, guest_elf, tmp_path):
+    """The QMP socket is bound before the VM is built: a client that connects while the
+    restore is under way waits in the backlog and gets its greeting, never a refusal."""
+    import socket
+    import time
+    from vmtools import QmpClient, VmProcess
+    tpl = tmp_path / "tpl"
+    take_template(guest_elf, tmp_path, tpl)
+    vm = VmProcess(hb_args(guest_elf) + ["-incoming", f"file:{tpl}"], tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(vm.qmp_path):
+            assert time.monotonic() < deadline, "no QMP socket"
+            time.sleep(0.0002)
+        seen_running = "heartbeat" in vm.output
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(vm.qmp_path)          # a refusal would raise here
+        s.close()
+        assert not seen_running, "the QMP socket appeared only after the guest ran"
+        q = QmpClient(vm.qmp_path)
+        assert q.cmd("query-status")["return"]["status"] == "running"
+        q.cmd("quit")
+        assert vm.wait() == 0
+    finally:
+        vm.kill()

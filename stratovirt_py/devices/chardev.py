@@ -113,6 +113,7 @@ class SocketBackend(CharBackend):
         self.listener: Optional[socket.socket] = None
         self.client: Optional[socket.socket] = None
         self._lock = threading.Lock()   # client changes (I/O thread) vs. writes (any thread)
+        self._accept_lock = threading.Lock()
         import socket           # only socket chardevs pay for it
         try:
             if server:
@@ -151,15 +152,18 @@ class SocketBackend(CharBackend):
             iothread.register(self.client.fileno(), self._on_client_readable)
 
     def _on_accept(self) -> None:
-        try:
-            conn, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        if self.client is not None:
-            log.info("chardev %s: a client is already connected; refusing another", self.label)
-            conn.close()
-            return
-        self._set_client(conn)
+        # The I/O thread and a writer (see write) may both try: one of them takes the
+        # connection and sets it as the client before the other looks.
+        with self._accept_lock:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            if self.client is not None:
+                log.info("chardev %s: a client is already connected; refusing another", self.label)
+                conn.close()
+                return
+            self._set_client(conn)
 
     def _on_client_readable(self) -> None:
         conn = self.client
@@ -186,6 +190,10 @@ class SocketBackend(CharBackend):
             conn.close()
 
     def write(self, data: bytes) -> None:
+        if self.client is None and self.listener is not None:
+            # A client waiting in the backlog (the I/O thread has not accepted it
+            # yet) already asked for this output.
+            self._on_accept()
         with self._lock:
             conn = self.client
             if conn is None:

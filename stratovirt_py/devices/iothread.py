@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Callable, Deque, Dict, List, Optional, Tuple
     Callback = Callable[[], None]
 
+from .. import pinning
 from ..logs import get_logger
 
 log = get_logger(__name__)
@@ -162,5 +163,6 @@ class IoThread:
             log.exception("%s: callback %r failed", self.name, fn)
 
     def _run(self) -> None:
+        pinning.pin_this_thread()
         while not self._stopping:
             self.run_once(-1.0)

@@ -108,6 +108,8 @@ def nonzero_pages(addr: int, length: int, mask: Optional[bytes] = None) -> List[
     pages: List[int] = []
     if mask is not None:
         zpm = _ZERO_PM
+        if mask == zpm[:len(mask)]:
+            return pages        # not one page touched: the common case of an idle guest
         for b in range(0, length, SUB_SIZE):
             bend = min(b + SUB_SIZE, length)
             i0 = b >> 12

@@ -107,8 +107,12 @@ class SnapshotJob:
             self.status = "setup"
             self.error = None
             self._cancel.clear()
-            self._thread = threading.Thread(target=self._run, args=(path,), name="snapshot", daemon=True)
+            started = threading.Event()
+            self._thread = threading.Thread(target=self._run, args=(path, started),
+                                            name="snapshot", daemon=True)
             self._thread.start()
+            # Waiting hands the GIL over now, instead of after a 5 ms switch interval.
+            started.wait(1.0)
 
     def cancel(self) -> None:
         if self.active:
@@ -116,7 +120,9 @@ class SnapshotJob:
             if self._thread is not None:
                 self._thread.join(30)
 
-    def _run(self, path: str) -> None:
+    def _run(self, path: str, started: Optional[threading.Event] = None) -> None:
+        if started is not None:
+            started.set()
         from .writer import SnapshotCancelled, stamp_template, write_template
         t0 = time.perf_counter()
         try:

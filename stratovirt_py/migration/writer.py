@@ -294,12 +294,15 @@ def write_template(dir: str, header_info: Mapping[str, Any], sections: Mapping[s
         # After the commit: convenience symlinks and removal of the old generation.
         # Failures here do not matter to readers, which go through `current`.
         try:
+            changed = False
             for name in (MEMORY_NAME, STATE_NAME):
                 link = os.path.join(dir, name)
                 want = os.path.join(CURRENT_NAME, name)
                 if not (os.path.islink(link) and os.readlink(link) == want):
                     _symlink_replace(want, link, os.path.join(dir, TMP_PREFIX + name))
-            _fsync_dir(dir)
+                    changed = True
+            if changed:     # they never change once made: no sync on later snapshots
+                _fsync_dir(dir)
         except OSError:
             pass
         _cleanup_stale(dir, gen_name)

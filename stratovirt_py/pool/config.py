@@ -25,7 +25,7 @@ class PoolConfig:
 
     def __init__(self) -> None:
         self.socket = DEFAULT_SOCKET
-        self.spares = 1
+        self.spares = 4
         self.max_children = 1024
         self.request_timeout = 5.0
         self.socket_mode = 0o600
