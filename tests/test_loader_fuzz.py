@@ -28,7 +28,7 @@ SPOTS = st.one_of(st.integers(0, 0x100), st.integers(0x1F0, 0x270))
 VALUES = st.one_of(st.integers(0, 255), st.sampled_from([0x00, 0x7F, 0x80, 0xFF]))
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(edits=st.lists(st.tuples(SPOTS, VALUES), min_size=1, max_size=6),
        cut=st.one_of(st.none(), st.integers(0, 0x2000)))

@@ -85,7 +85,8 @@ def test_the_base_sections_pass():
     _build(SECTIONS)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(path=st.sampled_from(PATHS), value=VALUES, drop=st.booleans())
 def test_one_crafted_field_is_refused_or_harmless(path, value, drop):
     sections = copy.deepcopy(SECTIONS)
@@ -133,7 +134,7 @@ def small_template(tmp_path_factory):
     return d
 
 
-@settings(max_examples=300, deadline=None,
+@settings(max_examples=300, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(data=st.data(), value=HEADER_VALUES, drop=st.booleans())
 def test_a_crafted_header_field_is_read_or_refused(small_template, tmp_path_factory, data, value,
