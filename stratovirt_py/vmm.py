@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Any, Dict, List, Optional
 
 from .logs import get_logger
-from .config import VmConfig
+from .config import VmConfig, check_id
 from .devices.bus import Bus
 from .errors import VmmError
 from .kvm import Kvm, Vm
@@ -231,6 +231,11 @@ class Vmm:
         return self._hotplug_ctl
 
     def add_fd(self, name: str, fd: int) -> None:
+        # netdev_add names descriptors as NAME[:NAME...]: a name it cannot spell would
+        # hold its descriptor for nothing.
+        check_id("getfd: fdname", name)
+        if ":" in name:
+            raise VmmError(f"getfd: fdname '{name}' must not contain ':'")
         if name not in self.fds and len(self.fds) >= MAX_NAMED_FDS:
             raise VmmError(f"getfd: {MAX_NAMED_FDS} descriptors are held already; use "
                            "them (netdev_add) or replace one by its name")

@@ -86,6 +86,13 @@ def test_getfd_passes_a_descriptor(kvm, guest_elf, tmp_path):
             os.close(r)
             os.close(w)
         assert f"{MAX_NAMED_FDS} descriptors are held already" in reply["error"]["desc"]
+        for bad in ("", "a:b", "a\nb"):        # names netdev_add could not take
+            r, w = os.pipe()
+            msg = json.dumps({"execute": "getfd", "arguments": {"fdname": bad}}).encode()
+            q.sock.sendmsg([msg + b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+            assert "fdname" in q.reply()["error"]["desc"], bad
+            os.close(r)
+            os.close(w)
         held = [os.readlink(f"/proc/{vm.proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{vm.proc.pid}/fd")]
         assert sum(1 for h in held if h.startswith("pipe:")) <= MAX_NAMED_FDS + 4
         q.cmd("quit")
