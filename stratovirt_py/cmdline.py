@@ -4,12 +4,12 @@ from __future__ import annotations
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
-    from typing import Callable, Dict, List, Optional
+    from typing import Callable, Dict, Iterable, List, Optional
 
 from . import __version__
 from .config import (MAX_CPUS, ChardevConfig, DeviceConfig, DriveConfig, IncomingConfig,
-                     NetdevConfig, ObjectConfig, SerialConfig, VmConfig, check_keys, parse_bool,
-                     parse_int, parse_mem_size, parse_suboptions)
+                     NetdevConfig, ObjectConfig, SerialConfig, VmConfig, check_id, check_keys,
+                     parse_bool, parse_int, parse_mem_size, parse_suboptions)
 from .errors import ConfigError
 
 USAGE = """\
@@ -137,7 +137,7 @@ class Parser:
         self.cfg.kernel = value
 
     def _initrd(self, value: str) -> None:
-        self.cfg.initrd = value
+        self.cfg.initrd = self._path("-initrd", value)
 
     def _append(self, value: str) -> None:
         self.cfg.append.append(value)
@@ -151,6 +151,7 @@ class Parser:
             raise ConfigError("'id' is missing for 'blk' device.")
         if "file" not in o:
             raise ConfigError(f"-drive: 'file' is missing for drive '{o['id']}'")
+        check_id("-drive", o["id"])
         if o["id"] in self.cfg.drives:
             raise ConfigError(f"-drive: drive id '{o['id']}' is used twice")
         fmt = o.get("format", "raw")
@@ -181,6 +182,7 @@ class Parser:
         dev_id = o.pop("id", None)
         if not dev_id:
             raise ConfigError(f"'id' is missing for '{driver}' device.")
+        check_id(f"-device {driver}", dev_id)
         if any(d.id == dev_id for d in self.cfg.devices):
             raise ConfigError(f"-device: device id '{dev_id}' is used twice")
         self.cfg.devices.append(DeviceConfig(driver=driver, id=dev_id, props=o))
@@ -200,6 +202,7 @@ class Parser:
                 for f in (o.get("vhostfds") or o.get("vhostfd") or "").split(":") if f]
         if not fds and "ifname" not in o:
             raise ConfigError(f"-netdev {o['id']}: give 'ifname' or 'fd'")
+        self._unique("-netdev", o["id"], self.cfg.netdevs)
         self.cfg.netdevs[o["id"]] = NetdevConfig(
             id=o["id"], ifname=o.get("ifname"), fds=fds,
             vhost=parse_bool("-netdev", "vhost", o.get("vhost", "off")), vhostfds=vfds,
@@ -213,6 +216,7 @@ class Parser:
         if "id" not in o:
             raise ConfigError(f"'id' is missing for '{kind}' object.")
         obj_id = o.pop("id")
+        self._unique("-object", obj_id, self.cfg.objects)
         self.cfg.objects[obj_id] = ObjectConfig(kind=kind, id=obj_id, props=o)
 
     def _chardev(self, value: str) -> None:
@@ -225,6 +229,7 @@ class Parser:
             raise ConfigError("'id' is missing for 'chardev' device.")
         if backend in ("socket", "file") and "path" not in o:
             raise ConfigError(f"-chardev {o['id']}: 'path' is missing")
+        self._unique("-chardev", o["id"], self.cfg.chardevs)
         self.cfg.chardevs[o["id"]] = ChardevConfig(
             id=o["id"], backend=backend, path=o.get("path"),
             server="server" in o, nowait="nowait" in o)
@@ -272,7 +277,7 @@ class Parser:
         self.cfg.uuid = value
 
     def _pidfile(self, value: str) -> None:
-        self.cfg.pidfile = value
+        self.cfg.pidfile = self._path("-pidfile", value)
 
     def _log(self, value: Optional[str]) -> None:
         self.cfg.log_enabled = True
@@ -282,7 +287,23 @@ class Parser:
         o = parse_suboptions("-iothread", value)
         if "id" not in o:
             raise ConfigError("'id' is missing for 'iothread'.")
+        self._unique("-iothread", o["id"], self.cfg.iothreads)
         self.cfg.iothreads.append(o["id"])
+
+    # -- shared checks ---------------------------------------------------------------------
+    @staticmethod
+    def _unique(option: str, item_id: str, table: Iterable[str]) -> None:
+        # A second definition would silently replace the first one.
+        check_id(option, item_id)
+        if item_id in table:
+            raise ConfigError(f"{option}: id '{item_id}' is used twice")
+
+    @staticmethod
+    def _path(option: str, value: str) -> str:
+        # An empty path reads as "not given" everywhere later: refuse it here.
+        if not value:
+            raise ConfigError(f"{option}: the path is empty")
+        return value
 
     # -- whole-config checks ---------------------------------------------------------------
     def _validate(self) -> None:

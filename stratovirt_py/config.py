@@ -70,7 +70,11 @@ def parse_bool(option: str, key: str, value: str) -> bool:
 
 
 def parse_int(option: str, key: str, value: str, lo: int = 0, hi: int = 2 ** 63) -> int:
+    # int() also takes other scripts' digits, '_' separators and spaces: a command line
+    # the VMM accepts but StratoVirt (and a template's restore) would read differently.
     try:
+        if not value.isascii() or "_" in value or value != value.strip():
+            raise ValueError(value)
         n = int(value, 0)
     except ValueError:
         raise ConfigError(f"{option}: invalid number '{value}' for '{key}'") from None
@@ -99,6 +103,20 @@ def parse_mem_size(value: str) -> int:
     if size % 4096:
         raise ConfigError(f"-m: memory size {value} is not a multiple of 4 KiB")
     return size
+
+
+MAX_ID_LEN = 255
+
+
+def check_id(option: str, value: str) -> str:
+    """An id a command line can carry: a template records ids and its restore must be
+    able to name them again, so QMP may not create one that ``-device id=`` cannot."""
+    if not value:
+        raise ConfigError(f"{option}: the id is empty")
+    if len(value) > MAX_ID_LEN or not value.isprintable():
+        raise ConfigError(f"{option}: invalid id {value[:40]!r} (printable characters, "
+                          f"at most {MAX_ID_LEN})")
+    return value
 
 
 def check_keys(option: str, opts: Dict[str, str], allowed: Tuple[str, ...]) -> None:

@@ -59,6 +59,16 @@ class MemoryRegion:
         return addr
 
 
+def _map(fd: int, size: int, flags: int, offset: int, mem_size: int) -> mmap.mmap:
+    try:
+        return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                         offset=offset)
+    except OSError as e:
+        # ENOMEM here is the host's commit limit: -m asks for more than the host can give.
+        raise GuestMemoryError(f"-m {mem_size >> 20}M: cannot map {mem_size >> 20} MiB of guest "
+                               f"RAM: {e.strerror}") from None
+
+
 class GuestMemory:
     """Guest RAM as a list of non-overlapping regions."""
 
@@ -74,7 +84,7 @@ class GuestMemory:
         regions = []
         for gpa, size in ram_layout(mem_size):
             flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-            mm = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = _map(-1, size, flags, 0, mem_size)
             regions.append(MemoryRegion(gpa, size, mm))
         return cls(regions)
 
@@ -104,8 +114,7 @@ class GuestMemory:
             regions = []
             offset = 0
             for gpa, size in ram_layout(mem_size):
-                mm = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+                mm = _map(fd, size, mmap.MAP_PRIVATE, offset, mem_size)
                 regions.append(MemoryRegion(gpa, size, mm, file_offset=offset))
                 offset += size
         finally:

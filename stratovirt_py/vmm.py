@@ -10,7 +10,7 @@ if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Any, Dict, List, Optional
 
 from .logs import get_logger
-from .config import VmConfig
+from .config import VmConfig, check_id
 from .devices.bus import Bus
 from .errors import VmmError
 from .kvm import Kvm, Vm
@@ -20,6 +20,15 @@ from .vcpu_thread import VcpuGroup
 log = get_logger(__name__)
 
 GUEST_REASONS = {"guest-reset", "guest-shutdown", "guest-panic"}
+MAX_NAMED_FDS = 64      # getfd descriptors held at once (each is kept until used)
+
+
+def _file_stamp(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ()
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 class Vmm:
@@ -51,6 +60,7 @@ class Vmm:
         self._migration = None         # migration.snapshot.SnapshotJob, made on first use
         self._hotplug_ctl = None       # devices.hotplug.Hotplug, made on first use
         self.restored_from = None      # the Template this VM was restored from
+        self._template_stamp: Optional[tuple] = None   # its memory file, when we started
         self.cleanups: List = []       # callables run once at exit (terminal mode, sockets)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -59,6 +69,7 @@ class Vmm:
         if self.iothread is not None:
             self.iothread.start()
         if self.restored_from is not None:
+            self._template_stamp = _file_stamp(self.restored_from.memory_path)
             for slot in self.virtio_slots:
                 slot.transport.resume_after_restore()
         self.group.start()
@@ -70,6 +81,13 @@ class Vmm:
 
     def request_exit(self, reason: str, code: int, message: str = "") -> None:
         """End the VM (first caller wins): SHUTDOWN event, then the main thread exits."""
+        if reason in ("guest-reset", "guest-panic") and self._template_changed():
+            # Unmodified pages of a MAP_PRIVATE mapping show what the file holds now: a
+            # template written in place makes its clones crash, which is no guest event.
+            code = 1
+            message = (f"the template's memory file {self.restored_from.memory_path} was "
+                       f"changed while this VM mapped it (then: {message or reason}); a "
+                       f"template must never be written after it was made")
         with self._exit_lock:
             if self.exit_code is not None:
                 return
@@ -86,6 +104,10 @@ class Vmm:
         while not self._exit_event.wait(3600):
             pass
         return self.exit_code or 0
+
+    def _template_changed(self) -> bool:
+        stamp = self._template_stamp
+        return stamp is not None and _file_stamp(self.restored_from.memory_path) != stamp
 
     def shutdown(self) -> None:
         """Stop the threads and run the clean-ups (called once on the main thread)."""
@@ -190,6 +212,12 @@ class Vmm:
     def netdev_add(self, args: dict) -> None:
         self._hotplug().netdev_add(args)
 
+    def blockdev_del(self, node_name: str) -> None:
+        self._hotplug().blockdev_del(node_name)
+
+    def netdev_del(self, netdev_id: str) -> None:
+        self._hotplug().netdev_del(netdev_id)
+
     def device_add(self, args: dict) -> None:
         self._hotplug().device_add(args)
 
@@ -203,6 +231,14 @@ class Vmm:
         return self._hotplug_ctl
 
     def add_fd(self, name: str, fd: int) -> None:
+        # netdev_add names descriptors as NAME[:NAME...]: a name it cannot spell would
+        # hold its descriptor for nothing.
+        check_id("getfd: fdname", name)
+        if ":" in name:
+            raise VmmError(f"getfd: fdname '{name}' must not contain ':'")
+        if name not in self.fds and len(self.fds) >= MAX_NAMED_FDS:
+            raise VmmError(f"getfd: {MAX_NAMED_FDS} descriptors are held already; use "
+                           "them (netdev_add) or replace one by its name")
         old = self.fds.pop(name, None)
         if old is not None:
             os.close(old)

@@ -100,3 +100,38 @@ def test_snapshot_after_hotplug_restores_with_named_device(kvm, guest_elf, disk,
                            "-incoming", f"file:{tpl}"], tmp_path) as vm:
         assert wait_io(vm, "ok", after=at) > at
         assert not re.search(r"^io \d+ blk fail$", vm.output, re.M)
+
+
+def test_backends_are_freed_and_ids_stay_expressible(kvm, guest_elf, disk, tmp_path):
+    """blockdev-del / netdev_del free a node-name or netdev id that no device uses (and
+    close a netdev's unused descriptors); QMP ids are ones a command line can carry."""
+    import array
+    import os
+    import socket
+    with VmProcess(["-kernel", str(guest_elf), "-append", "sv.hb=50"], tmp_path) as vm:
+        q = vm.qmp()
+        assert q.cmd("blockdev-add", **blockdev("d1", disk)) == {"return": {}}
+        assert q.cmd("device_add", id="vd", driver="virtio-blk-mmio", drive="d1") == {"return": {}}
+        assert "in use by device 'vd'" in q.cmd("blockdev-del", **{"node-name": "d1"})["error"]["desc"]
+        q.cmd("device_del", id="vd")
+        assert q.cmd("blockdev-del", **{"node-name": "d1"}) == {"return": {}}
+        assert "not defined" in q.cmd("blockdev-del", **{"node-name": "d1"})["error"]["desc"]
+        assert q.cmd("blockdev-add", **blockdev("d1", disk)) == {"return": {}}   # free again
+        r, w = os.pipe()
+        inode = os.fstat(r).st_ino
+        msg = b'{"execute":"getfd","arguments":{"fdname":"p"}}\n'
+        q.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+        assert q.reply() == {"return": {}}
+        os.close(r)
+        os.close(w)
+        assert q.cmd("netdev_add", id="n0", fds="p") == {"return": {}}
+        assert q.cmd("netdev_del", id="n0") == {"return": {}}
+        held = [os.readlink(f"/proc/{vm.proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{vm.proc.pid}/fd")]
+        assert f"pipe:[{inode}]" not in held
+        assert q.cmd("netdev_add", id="n0", ifname="tap9") == {"return": {}}
+        for bad in ("", "a\nb", "a\0b", "x" * 300):
+            r = q.cmd("device_add", id=bad, driver="virtio-blk-mmio", drive="d1")
+            assert "id" in r["error"]["desc"], (bad, r)
+            assert "error" in q.cmd("blockdev-add", **blockdev(bad, disk))
+            assert "error" in q.cmd("netdev_add", id=bad, ifname="tap9")
+        q.cmd("quit")

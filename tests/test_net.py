@@ -329,3 +329,61 @@ def test_guest_to_host_burst(kvm, netns, guest_elf, tmp_path):
             assert vm.stderr == "", vm.stderr
     finally:
         wire.close()
+
+
+def _send_fd(q, name, fd):
+    import array
+    msg = ('{"execute":"getfd","arguments":{"fdname":"%s"}}\n' % name).encode()
+    q.sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))])
+    assert q.reply() == {"return": {}}
+
+
+def _vm_fd(pid, target_prefix):
+    for n in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{n}").startswith(target_prefix):
+                return int(n)
+        except OSError:
+            continue
+    raise AssertionError(f"the VMM holds no {target_prefix} descriptor")
+
+
+def test_netdev_add_takes_only_getfd_descriptors_once(kvm, netns, guest_elf, tmp_path):
+    """A bare fd number in netdev_add could name the VMM's own KVM descriptor, which the
+    tap code would then close: only getfd names are taken, each by one device."""
+    import fcntl
+    from stratovirt_py.devices import tap as T
+
+    def open_tap():
+        fd = os.open(T.TUN_PATH, os.O_RDWR)
+        fcntl.ioctl(fd, T.TUNSETIFF, T._ifreq("svtap1", T.IFF_TAP | T.IFF_NO_PI | T.IFF_VNET_HDR))
+        return fd
+    args = ["-m", MEM, "-kernel", str(guest_elf), "-append", "sv.hb=50"]
+    with NetVm(args, tmp_path, ns=netns) as vm:
+        q = vm.qmp()
+        pid = vm.proc.pid                  # ip netns exec runs the VMM in its own process
+        vmfd = _vm_fd(pid, "anon_inode:kvm-vm")
+        tapfd = in_netns(netns, open_tap)
+        _send_fd(q, "tap1", tapfd)
+        os.close(tapfd)
+        for fds in (str(vmfd), f"tap1:{vmfd}", "tap1:tap1", "nosuch"):
+            r = q.cmd("netdev_add", id="hn0", fds=fds)
+            assert "error" in r, (fds, r)
+        assert "getfd" in q.cmd("netdev_add", id="hn0", fd=str(vmfd))["error"]["desc"]
+        assert q.cmd("netdev_add", id="hn0", fds="tap1") == {"return": {}}
+        assert "no file descriptor named 'tap1'" in q.cmd("netdev_add", id="hn1", fds="tap1")["error"]["desc"]
+        assert q.cmd("netdev_add", id="other", ifname="svtap0") == {"return": {}}
+        assert q.cmd("device_add", id="onet", driver="virtio-net-mmio", netdev="other",
+                     addr="0x0") == {"return": {}}
+        dev = dict(id="hnet0", driver="virtio-net-mmio", netdev="hn0", addr="0x0")
+        assert "occupied" in q.cmd("device_add", **dev)["error"]["desc"]   # fds not used yet
+        dev["addr"] = "0x1"
+        assert q.cmd("device_add", **dev) == {"return": {}}
+        assert q.cmd("device_del", id="hnet0") == {"return": {}}
+        r = q.cmd("device_add", **dev)
+        assert "were used by a device already" in r["error"]["desc"]
+        assert _vm_fd(pid, "anon_inode:kvm-vm") == vmfd
+        q.cmd("stop")
+        q.cmd("migrate", uri=f"file:{tmp_path}/tpl")
+        assert wait_migrate(q)["status"] == "completed"
+        quit_vm(vm)

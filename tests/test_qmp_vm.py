@@ -12,6 +12,8 @@ import pytest
 
 from vmtools import VmProcess
 
+from stratovirt_py.vmm import MAX_NAMED_FDS
+
 pytestmark = pytest.mark.kvm
 
 
@@ -75,6 +77,24 @@ def test_getfd_passes_a_descriptor(kvm, guest_elf, tmp_path):
         assert f"pipe:[{inode}]" in held
         r = q.cmd("getfd", fdname="no-fd")
         assert "error" in r                  # an fd must come with the request
+        # A bounded number of names: descriptors are held until used, so each one costs.
+        for i in range(MAX_NAMED_FDS + 1):
+            r, w = os.pipe()
+            msg = json.dumps({"execute": "getfd", "arguments": {"fdname": f"n{i}"}}).encode()
+            q.sock.sendmsg([msg + b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+            reply = q.reply()
+            os.close(r)
+            os.close(w)
+        assert f"{MAX_NAMED_FDS} descriptors are held already" in reply["error"]["desc"]
+        for bad in ("", "a:b", "a\nb"):        # names netdev_add could not take
+            r, w = os.pipe()
+            msg = json.dumps({"execute": "getfd", "arguments": {"fdname": bad}}).encode()
+            q.sock.sendmsg([msg + b"\n"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))])
+            assert "fdname" in q.reply()["error"]["desc"], bad
+            os.close(r)
+            os.close(w)
+        held = [os.readlink(f"/proc/{vm.proc.pid}/fd/{n}") for n in os.listdir(f"/proc/{vm.proc.pid}/fd")]
+        assert sum(1 for h in held if h.startswith("pipe:")) <= MAX_NAMED_FDS + 4
         q.cmd("quit")
 
 

@@ -353,3 +353,21 @@ def test_snapshot_of_a_restored_vm(kvm, template, guest_elf, tmp_path, same_dir)
     with VmProcess(hb_args(guest_elf) + ["-incoming", f"file:{dst}"], tmp_path) as vm:
         vm.wait_for(rf"^heartbeat {at2 + 1}$")
         assert int(re.findall(r"^heartbeat (\d+)$", vm.output, re.M)[0]) == at2 + 1
+
+
+def test_template_written_in_place_is_named_when_a_clone_dies(kvm, guest_elf, tmp_path):
+    """The format promises a template is never written after it was made; a clone whose
+    template was changed under it crashes, and says why instead of exiting 0."""
+    tpl = tmp_path / "tpl"
+    take_template(guest_elf, tmp_path, tpl)
+    with VmProcess(hb_args(guest_elf) + ["-incoming", f"file:{tpl}", "-S"], tmp_path) as vm:
+        q = vm.qmp()
+        mem = os.path.realpath(tpl / "memory")
+        with open(mem, "r+b") as f:          # page tables and code, not yet touched by the clone
+            for off in range(0, 16 << 20, 1 << 20):
+                f.seek(off)
+                f.write(b"\xff" * (1 << 20))
+        q.cmd("cont")
+        assert vm.wait() == 1
+        last = vm.stderr.strip().splitlines()[-1]
+        assert last.startswith("stratovirt: the template's memory file") and "was changed" in last

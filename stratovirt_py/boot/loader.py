@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from ..record import record
 
@@ -29,10 +31,19 @@ class KernelImage:
     setup_header: Optional[bytes] = None   # bzImage header bytes 0x1F1..0x268, to copy into boot_params
 
 
-def _read(path: str, what: str) -> bytes:
+# Far above any kernel or initrd a microvm boots, and below what would strain the host:
+# the image is read whole into memory before it is copied into the guest.
+MAX_IMAGE_BYTES = 1 << 30
+
+
+def _read(path: str, what: str, limit: int = MAX_IMAGE_BYTES) -> bytes:
+    """The whole file, refused before reading if it is not a regular file or too big.
+
+    O_NONBLOCK keeps a FIFO from hanging the open (regular files ignore the flag); the
+    size is checked again after reading, for a file that grows meanwhile.
+    """
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise BootError(f"{what} file {path} does not exist") from None
     except IsADirectoryError:
@@ -41,10 +52,28 @@ def _read(path: str, what: str) -> bytes:
         raise BootError(f"{what} file {path} is not readable (permission denied)") from None
     except OSError as e:
         raise BootError(f"cannot read {what} file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise BootError(f"{what} file {path} is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise BootError(f"{what} file {path} is not a regular file")
+        if st.st_size > limit:
+            raise BootError(f"{what} file {path} is too big ({st.st_size} bytes; "
+                            f"the limit is {limit} bytes)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise BootError(f"cannot read {what} file {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise BootError(f"{what} file {path} grew past the limit of {limit} bytes while read")
+    return data
 
 
 def load_kernel(mem: GuestMemory, path: str) -> KernelImage:
-    data = _read(path, "kernel")
+    data = _read(path, "kernel", min(MAX_IMAGE_BYTES, mem.size))
     if data[:4] == ELF_MAGIC:
         return _load_elf(mem, path, data)
     if len(data) > 0x206 and data[0x202:0x206] == HDRS_MAGIC:
@@ -79,10 +108,14 @@ def _load_elf(mem: GuestMemory, path: str, data: bytes) -> KernelImage:
         loaded += 1
     if not loaded:
         raise BootError(f"kernel file {path} has no loadable segments")
+    if not mem.check(e_entry, 1):
+        raise BootError(f"kernel file {path}: entry point {e_entry:#x} is outside guest RAM")
     return KernelImage(entry=e_entry, end=end)
 
 
 def _load_bzimage(mem: GuestMemory, path: str, data: bytes) -> KernelImage:
+    if len(data) < SETUP_HEADER_END:
+        raise BootError(f"kernel file {path} is truncated (in its setup header)")
     version = struct.unpack_from("<H", data, 0x206)[0]
     if version < 0x202:
         raise BootError(f"kernel file {path} uses boot protocol {version >> 8}.{version & 0xff:02}, "
@@ -109,7 +142,7 @@ def _load_bzimage(mem: GuestMemory, path: str, data: bytes) -> KernelImage:
 def load_initrd(mem: GuestMemory, path: str, kernel_end: int,
                 addr_max: int = layout.INITRD_ADDR_MAX) -> "tuple[int, int]":
     """Put the initrd page-aligned at the top of low RAM below ``addr_max``; return (addr, size)."""
-    data = _read(path, "initrd")
+    data = _read(path, "initrd", min(MAX_IMAGE_BYTES, mem.size))
     low_end = min(mem.regions[0].end, addr_max)
     addr = (low_end - len(data)) & ~(PAGE_SIZE - 1)
     if addr < kernel_end or not data:

@@ -45,6 +45,11 @@ class SerialState:
     thre_pending: bool = False
     rx: bytes = b""
 
+    FIELDS: ClassVar[dict] = {
+        "ier": ("int", 0, 0x0F), "lcr": ("int", 0, 0xFF), "mcr": ("int", 0, 0x1F),
+        "fcr": ("int", 0, 0xFF), "scr": ("int", 0, 0xFF), "dll": ("int", 0, 0xFF),
+        "dlh": ("int", 0, 0xFF), "thre_pending": ("bool",), "rx": ("bytes", RX_FIFO_MAX)}
+
 
 class Serial:
     def __init__(self, output: Callable[[bytes], None], set_irq: Callable[[int], None]):

@@ -204,10 +204,22 @@ class Tap:
     @classmethod
     def from_fds(cls, netdev_id: str, fds: List[int]) -> "Tap":
         """The first fd of a (possibly multi-queue) tap; the other queues are detached."""
+        if len(set(fds)) != len(fds):
+            raise DeviceError(f"netdev {netdev_id}: fds {':'.join(map(str, fds))} name a "
+                              f"descriptor more than once")
         tap = cls.from_fd(netdev_id, fds[0])
+        # The extra queues are closed below: each must be a queue of this same tap, or a
+        # wrong number would close a descriptor the VMM itself uses (its KVM fds, say).
         for extra in fds[1:]:
-            if extra == fds[0]:
-                continue
+            try:
+                name, _ = _unpack_ifreq(fcntl.ioctl(extra, TUNGETIFF, _ifreq()))
+            except OSError:
+                name = None
+            if name != tap.ifname:
+                tap.owned = False       # the caller keeps every fd when we refuse
+                raise DeviceError(f"netdev {netdev_id}: fd {extra} is not a queue of tap "
+                                  f"{tap.ifname}")
+        for extra in fds[1:]:
             try:
                 fcntl.ioctl(extra, TUNSETQUEUE, _ifreq("", IFF_DETACH_QUEUE))
             except OSError as e:

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Any, Dict, List
 
 from ..config import VmConfig
-from ..errors import SnapshotError
+from ..errors import SnapshotError, check_fields
 
 VERSION = 1
 UNSUPPORTED_DRIVERS = {
@@ -43,6 +43,26 @@ def describe(cfg: VmConfig) -> Dict[str, Any]:
         devices.append(d)
     return {"machine": cfg.machine_type, "mem_size": cfg.mem_size, "nr_cpus": cfg.nr_cpus,
             "devices": devices}
+
+
+# The ``config`` section as describe() writes it: checked before place_like() uses a
+# slot number (a crafted one made it allocate without bound) or check() compares.
+CONFIG_FIELDS = {"machine": ("str", 64), "mem_size": ("int", 0, 1 << 50),
+                 "nr_cpus": ("int", 0, 1 << 10), "devices": ("list", 1 << 10)}
+DEVICE_FIELDS = {"id": ("str", 255), "driver": ("str", 64), "slot": ("?int", 0, 1 << 10)}
+DEVICE_EXTRA_FIELDS = {
+    "virtio-blk-device": {"serial": ("?str", 256), "readonly": ("bool",),
+                          "drive_size": ("?int", 0, 1 << 63)},
+    "virtio-net-device": {"mac": ("?str", 17)},
+}
+
+
+def check_config(section: str, saved: Any) -> None:
+    check_fields(section, saved, CONFIG_FIELDS)
+    for i, dev in enumerate(saved["devices"]):
+        driver = dev.get("driver") if isinstance(dev, dict) else None
+        spec = dict(DEVICE_FIELDS, **DEVICE_EXTRA_FIELDS.get(driver, {}))
+        check_fields(section, dev, spec, f"devices[{i}].")
 
 
 def place_like(cfg: VmConfig, saved: Dict[str, Any]) -> None:

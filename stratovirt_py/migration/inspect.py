@@ -121,6 +121,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             _info(t, sys.stdout)
         else:
             r = verify_template(args.dir, check_host=not args.no_host_check)
+            # What a restore checks in the sections too: OK only for what it would accept.
+            from .snapshot import check_sections
+            check_sections(read_template(args.dir, verify=False, check_host=False))
             print("OK")
             if args.verbose:
                 print(f"{r.dir}: template {r.template_id}, {_size(r.mem_size)} of memory, "

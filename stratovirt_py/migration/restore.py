@@ -18,7 +18,7 @@ from ..devices.serial import SerialState
 from ..errors import SnapshotError
 from ..memory import GuestMemory
 from . import compat
-from .snapshot import SECTION_VERSIONS, VIRTIO_SECTION_VERSION
+from .snapshot import SECTION_VERSIONS, VIRTIO_SECTION_VERSION, check_sections
 from .vmstate import VcpuState, VmState, restore_vcpu, restore_vm
 
 log = get_logger(__name__)
@@ -46,6 +46,7 @@ def restore_vmm(cfg: VmConfig, events: Any):
         if limit is None:
             raise SnapshotError(f"template {tpl_dir} has a section '{name}' this version does not know")
         template.section(name, limit)
+    check_sections(template)
     saved_cfg = template.section("config")
     compat.place_like(cfg, saved_cfg)
     compat.check(compat.describe(cfg), saved_cfg)

@@ -15,8 +15,10 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Any, Dict, List, Optional
 
+    from .format import Template
+
 from ..logs import get_logger
-from ..errors import ConfigError, SnapshotError, VmmError
+from ..errors import ConfigError, SnapshotError, VmmError, check_fields, field_error
 from . import compat
 from .vmstate import VcpuState, VmState, save_vcpu, save_vm, saveable_msrs
 
@@ -26,6 +28,36 @@ log = get_logger(__name__)
 SECTION_VERSIONS = {"config": compat.VERSION, "vm": VmState.VERSION, "vcpus": VcpuState.VERSION,
                     "serial": 1}
 VIRTIO_SECTION_VERSION = 1
+
+
+def check_sections(template: Template) -> None:
+    """What a restore would refuse in the sections, found before anything is built: an
+    unknown section, a newer version, a field of the wrong type or out of range.
+    ``stratovirt-snapshot verify`` runs the same checks."""
+    from ..devices.serial import SerialState
+    from ..devices.setup import VirtioSlot
+    for name in SECTION_VERSIONS:
+        template.section(name)          # refuses a missing one
+    for name, (version, data) in template.sections.items():
+        virtio = name.startswith("virtio:slot")
+        limit = VIRTIO_SECTION_VERSION if virtio else SECTION_VERSIONS.get(name)
+        if limit is None:
+            raise SnapshotError(f"template {template.dir} has a section '{name}' this "
+                                f"version does not know")
+        template.section(name, limit)
+        if virtio:
+            VirtioSlot.check(name, data)
+        elif name == "config":
+            compat.check_config(name, data)
+        elif name == "vm":
+            check_fields(name, data, VmState.FIELDS)
+        elif name == "serial":
+            check_fields(name, data, SerialState.FIELDS)
+        elif name == "vcpus":
+            if not isinstance(data, list) or len(data) > 1024:
+                raise field_error(name, "(all)", "is not a list of vCPU states")
+            for i, vcpu in enumerate(data):
+                VcpuState.check(name, vcpu, i)
 
 
 def parse_uri(uri: str) -> str:

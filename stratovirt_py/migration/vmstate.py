@@ -17,7 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
     from typing import ClassVar, List, Sequence, Tuple
 
-from ..errors import SnapshotError
+from ..errors import U32, U64, SnapshotError, check_fields, check_value, field_error
 from ..kvm import Kvm, KvmError, Vcpu, Vm
 
 log = get_logger(__name__)
@@ -46,6 +46,25 @@ class VcpuState:
     vcpu_events: bytes
     tsc_khz: int
 
+    # KVM checks each blob's exact size; the bound only keeps a crafted one cheap.
+    FIELDS: ClassVar[dict] = {
+        "index": ("int", 0, 1023), **{name: ("bytes", 1 << 20) for name in VCPU_BLOBS},
+        "msrs": ("list", 4096), "vcpu_events": ("bytes", 1 << 20), "tsc_khz": ("int", 0, U32)}
+
+    @classmethod
+    def check(cls, section: str, data: dict, i: int) -> None:
+        prefix = f"[{i}]."
+        check_fields(section, data, cls.FIELDS, prefix)
+        if all(type(m) is tuple and len(m) == 2 and type(m[0]) is int and type(m[1]) is int
+               and 0 <= m[0] <= U32 and 0 <= m[1] <= U64 for m in data["msrs"]):
+            return              # the common case in one pass; else find the culprit
+        for n, msr in enumerate(data["msrs"]):
+            where = f"{prefix}msrs[{n}]"
+            if not isinstance(msr, (list, tuple)) or len(msr) != 2:
+                raise field_error(section, where, "is not an (index, value) pair")
+            check_value(section, where + "[0]", msr[0], ("int", 0, U32))
+            check_value(section, where + "[1]", msr[1], ("int", 0, U64))
+
 
 @record(frozen=True)
 class VmState:
@@ -55,6 +74,10 @@ class VmState:
     ioapic: bytes
     pit: bytes
     clock: int
+
+    FIELDS: ClassVar[dict] = {"pic_master": ("bytes", 1 << 16), "pic_slave": ("bytes", 1 << 16),
+                              "ioapic": ("bytes", 1 << 16), "pit": ("bytes", 1 << 16),
+                              "clock": ("int", 0, U64)}
 
 
 def saveable_msrs(kvm: Kvm, vcpu: Vcpu) -> List[int]:

@@ -8,10 +8,12 @@ rename; ``stamp_template`` records a fresh template in the verification cache.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import stat
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
@@ -28,6 +30,11 @@ from .memfile import CHECKSUM_NAME, CHUNK_SIZE, SnapshotCancelled
 
 if TYPE_CHECKING:
     from .format import ProgressFn
+
+# A template holds guest RAM: its owner's only, whatever the umask (which can only take
+# bits away from these).
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 
 def _check_name(name: Any) -> str:
@@ -80,7 +87,7 @@ def _fsync_dir(path: str) -> None:
 
 
 def _write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
     try:
         view = memoryview(data)
         while len(view):
@@ -110,6 +117,57 @@ def _remove(path: str) -> None:
             os.unlink(path)
     except OSError:
         pass
+
+
+def _foreign_entry(dir: str, name: str) -> Optional[str]:
+    """Why ``DIR/name`` is not part of a template (None when it is).
+
+    A writer removes stale generations and replaces ``state``/``memory``: in a
+    directory that is not a template, those could be the user's files.
+    """
+    path = os.path.join(dir, name)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    is_link, is_dir = stat.S_ISLNK(st.st_mode), stat.S_ISDIR(st.st_mode)
+    if name == CURRENT_NAME:
+        return None if is_link and _current_generation(dir) else "is not a generation link"
+    if name in (STATE_NAME, MEMORY_NAME):
+        if is_link:
+            ok = os.readlink(path) == os.path.join(CURRENT_NAME, name)
+            return None if ok else "is a link that a template does not have"
+        if stat.S_ISREG(st.st_mode) and _is_state_file(os.path.join(dir, STATE_NAME)):
+            return None         # a copied template (cp -rL): two plain files
+        return "is not a template file"
+    if name == LOCK_NAME:
+        return None if stat.S_ISREG(st.st_mode) else "is not a plain file"
+    if name.startswith(TMP_PREFIX):
+        return None if is_link else "is not a temporary link"
+    if name.startswith(GEN_PREFIX) and is_dir:
+        extra = set(os.listdir(path)) - {STATE_NAME, MEMORY_NAME}
+        return f"holds {sorted(extra)[0]!r}" if extra else None
+    return "is not part of a template"
+
+
+def _is_state_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def _check_destination(dir: str) -> None:
+    try:
+        names = os.listdir(dir)
+    except OSError as e:
+        raise SnapshotError(f"cannot read snapshot directory {dir}: {e.strerror}") from None
+    for name in sorted(names):
+        why = _foreign_entry(dir, name)
+        if why:
+            raise SnapshotError(f"snapshot destination {dir} is neither empty nor a template: "
+                                f"{name} {why}")
 
 
 def _cleanup_stale(dir: str, keep: Optional[str]) -> None:
@@ -149,14 +207,20 @@ def write_template(dir: str, header_info: Mapping[str, Any], sections: Mapping[s
             raise SnapshotCancelled("snapshot cancelled")
 
     try:
-        os.makedirs(dir, exist_ok=True)
+        os.makedirs(dir, DIR_MODE, exist_ok=True)
     except OSError as e:
         raise SnapshotError(f"cannot create snapshot directory {dir}: {e.strerror}") from None
     if not os.path.isdir(dir):
         raise SnapshotError(f"snapshot destination {dir} is not a directory")
+    _check_destination(dir)
     try:
-        lock_fd = os.open(os.path.join(dir, LOCK_NAME), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # O_NOFOLLOW: a symlink planted as .lock would make root create (or open) any file.
+        lock_fd = os.open(os.path.join(dir, LOCK_NAME),
+                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise SnapshotError(f"cannot write snapshot to {dir}: {LOCK_NAME} is a "
+                                "symbolic link") from None
         raise SnapshotError(f"cannot write snapshot to {dir}: {e.strerror}") from None
     try:
         try:
@@ -172,9 +236,9 @@ def write_template(dir: str, header_info: Mapping[str, Any], sections: Mapping[s
         committed = False
         try:
             check_cancel()
-            os.mkdir(gen, 0o755)
+            os.mkdir(gen, DIR_MODE)
             mem_path = os.path.join(gen, MEMORY_NAME)
-            fd = os.open(mem_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fd = os.open(mem_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
             try:
                 table, mstats = memfile.write_memory(fd, memory, cancel=cancel, progress=progress)
                 check_cancel()

@@ -134,6 +134,12 @@ class Dispatcher:
     def _netdev_add(self, args: Dict[str, Any], take_fd: FdSource) -> None:
         self.machine.netdev_add(args)
 
+    def _blockdev_del(self, args: Dict[str, Any], take_fd: FdSource) -> None:
+        self.machine.blockdev_del(args["node-name"])
+
+    def _netdev_del(self, args: Dict[str, Any], take_fd: FdSource) -> None:
+        self.machine.netdev_del(args["id"])
+
     def _device_add(self, args: Dict[str, Any], take_fd: FdSource) -> None:
         self.machine.device_add(args)
 
@@ -175,11 +181,13 @@ COMMANDS: Dict[str, Tuple[Handler, schema.Schema]] = {
     "device_add": (Dispatcher._device_add, schema.DEVICE_ADD),
     "device_del": (Dispatcher._device_del, schema.DEVICE_DEL),
     "netdev_add": (Dispatcher._netdev_add, schema.NETDEV_ADD),
+    "netdev_del": (Dispatcher._netdev_del, schema.NETDEV_DEL),
     "query-hotpluggable-cpus": (Dispatcher._query_hotpluggable_cpus, schema.NO_ARGS),
     "query-cpus": (Dispatcher._query_cpus, schema.NO_ARGS),
     "query-status": (Dispatcher._query_status, schema.NO_ARGS),
     "getfd": (Dispatcher._getfd, schema.GETFD),
     "blockdev-add": (Dispatcher._blockdev_add, schema.BLOCKDEV_ADD),
+    "blockdev-del": (Dispatcher._blockdev_del, schema.BLOCKDEV_DEL),
     "balloon": (Dispatcher._balloon, schema.BALLOON),
     "query-balloon": (Dispatcher._query_balloon, schema.NO_ARGS),
     "migrate": (Dispatcher._migrate, schema.MIGRATE),

@@ -61,6 +61,12 @@ class MachineControl(Protocol):
     def netdev_add(self, args: Dict[str, Any]) -> None:
         """Register a network backend."""
 
+    def blockdev_del(self, node_name: str) -> None:
+        """Forget a block backend no device uses, freeing its node-name."""
+
+    def netdev_del(self, netdev_id: str) -> None:
+        """Forget a network backend no device uses (closing descriptors it still holds)."""
+
     def device_add(self, args: Dict[str, Any]) -> None:
         """Plug a device into an empty virtio-mmio slot."""
 

@@ -27,6 +27,9 @@ from ..errors import VmmError
 #: StratoVirt (socket.rs ``send_str``, qmp_channel.rs events) ends every line with CRLF.
 LINE_END = b"\r\n"
 MAX_MESSAGE_BYTES = 1 << 20
+# No command nests deeper than a few levels; a bound lets the splitter skip bracket
+# floods (``[[[[...``) at memchr speed instead of one Python step per bracket.
+MAX_NESTING = 64
 
 # The greeting carries both version objects: the documentation shows "StratoVirt",
 # StratoVirt's code and Kata's govmm need "qemu" (govmm picks blockdev-add's
@@ -74,10 +77,16 @@ def error_reply(err: BaseException, qmp_class: str = "GenericError",
 # --------------------------------------------------------------------------- framing
 
 class TooLong:
-    """Stands in for a message that was over the size limit and was dropped."""
+    """Stands in for a message over the size or nesting limit, dropped unread."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, too_deep: bool = False) -> None:
         self.size = size
+        self.too_deep = too_deep
+
+    def reason(self, limit: int = MAX_MESSAGE_BYTES) -> str:
+        if self.too_deep:
+            return f"QMP message nested more than {MAX_NESTING} levels deep"
+        return f"QMP message too long ({self.size} bytes; the limit is {limit} bytes)"
 
 
 # Bytes that change the splitter's state; everything else is copied in bulk.  UTF-8
@@ -102,6 +111,7 @@ class MessageSplitter:
         self._depth = 0
         self._in_string = False
         self._escape = False      # the previous chunk ended with a backslash in a string
+        self._too_deep = False    # over MAX_NESTING: skipped up to the newline
 
     @property
     def pending(self) -> int:
@@ -110,14 +120,14 @@ class MessageSplitter:
 
     def _take(self, data: bytes, start: int, end: int) -> None:
         self._size += end - start
-        if self._size <= self._limit:
+        if self._size <= self._limit and not self._too_deep:
             self._buf += data[start:end]
         elif self._buf:
             self._buf = bytearray()  # over the limit: stop storing, keep counting
 
     def _finish(self, out: List[Union[bytes, TooLong]]) -> None:
-        if self._size > self._limit:
-            out.append(TooLong(self._size))
+        if self._size > self._limit or self._too_deep:
+            out.append(TooLong(self._size, self._too_deep))
         else:
             text = bytes(self._buf).strip()
             if text:
@@ -178,6 +188,11 @@ class MessageSplitter:
                 self._in_string = True
             elif ch in b"{[":
                 self._depth += 1
+                if self._depth > MAX_NESTING:
+                    # From here the message only ends at a newline, found with find().
+                    self._too_deep = True
+                    self._structured = False
+                    self._buf = bytearray()
             else:  # '}' or ']'
                 self._depth -= 1
                 if self._depth <= 0:

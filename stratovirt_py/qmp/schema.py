@@ -111,6 +111,8 @@ DEVICE_ADD: Schema = {
 }
 
 DEVICE_DEL: Schema = {"id": _req("str")}
+BLOCKDEV_DEL: Schema = {"node-name": _req("str")}
+NETDEV_DEL: Schema = {"id": _req("str")}
 GETFD: Schema = {"fdname": _req("str")}
 BALLOON: Schema = {"value": _req("uint")}
 # StratoVirt's migrate struct is the only one without deny_unknown_fields; libvirt-

@@ -56,8 +56,14 @@ OUTPUT_LIMIT = 16 * 1024 * 1024    # drop a client that does not read at all
 EVENT_QUEUE_LIMIT = 4096           # events waiting for the QMP thread
 MAX_PENDING_FDS = 16               # SCM_RIGHTS fds waiting for a getfd
 MAX_CLIENTS = 64
+IDLE_EVICT_SECONDS = 5.0           # at MAX_CLIENTS, a client this idle makes room
+MAX_BAD_IN_A_ROW = 64              # malformed messages before a client is let go
 QUIT_FLUSH_TIMEOUT = 1.0           # how long quit waits for its reply to be sent
 CLOSE_FLUSH_TIMEOUT = 0.5          # how long close() lets pending output drain
+
+def _is_loopback(host: str) -> bool:
+    return host == "localhost" or host == "::1" or host.startswith("127.")
+
 
 class _Client:
     """One accepted connection and everything buffered for it."""
@@ -72,6 +78,8 @@ class _Client:
         self.events_on = False
         self.eof = False
         self.closed = False
+        self.bad_in_a_row = 0
+        self.last_active = time.monotonic()
         self.interest = 0
 
     def take_fd(self) -> Optional[int]:
@@ -118,7 +126,11 @@ class QmpServer:
         bound = self._bound if self._bound is not None else listen.bind_all(self._addresses)
         self._bound = None
         for listener in bound:
-            family = _family(listener.address)
+            address = listener.address
+            if address.kind == "tcp" and not _is_loopback(address.host):
+                log.warning("QMP listens on %s, which is not a loopback address: QMP has no "
+                            "authentication, anyone who can reach it controls the VM", address)
+            family = _family(address)
             self._listeners.append((socket.socket(family, socket.SOCK_STREAM, fileno=listener.fd),
                                     listener))
         self._selector = selectors.DefaultSelector()
@@ -221,7 +233,9 @@ class QmpServer:
         assert self._selector is not None
         try:
             while not self._stopping:
-                busy = any(c.pending for c in self._clients.values())
+                # Poll only for clients that can make progress now: one whose replies
+                # are at the high-water mark waits for EVENT_WRITE like any other fd.
+                busy = any(self._can_process(c) for c in self._clients.values())
                 for key, mask in self._selector.select(0 if busy else None):
                     if key.data is _WAKE:
                         self._drain_wake()
@@ -258,7 +272,7 @@ class QmpServer:
         except OSError as err:  # EMFILE and friends: keep serving the others
             log.warning("QMP accept on %s failed: %s", address, err)
             return
-        if len(self._clients) >= MAX_CLIENTS:
+        if len(self._clients) >= MAX_CLIENTS and not self._evict_idle():
             log.warning("QMP: more than %d clients; refusing one on %s", MAX_CLIENTS, address)
             sock.close()
             return
@@ -268,6 +282,19 @@ class QmpServer:
         client.outbuf += GREETING_LINE
         log.debug("QMP client connected on %s", address)
         self._flush(client)
+
+    def _evict_idle(self) -> bool:
+        """Close the longest-idle client to make room, if it has been idle a while.
+
+        Connections left open and forgotten (or opened on purpose) would otherwise lock
+        the orchestrator out; one that is talking is never closed for a newcomer.
+        """
+        idle = min(self._clients.values(), key=lambda c: c.last_active)
+        if time.monotonic() - idle.last_active < IDLE_EVICT_SECONDS or idle.pending or idle.outbuf:
+            return False
+        log.warning("QMP: %d clients; closing the one idle longest to make room", MAX_CLIENTS)
+        self._drop(idle)
+        return True
 
     def _read(self, client: _Client) -> None:
         try:
@@ -289,6 +316,7 @@ class QmpServer:
             client.eof = True
             client.pending.extend(client.splitter.feed(b"\n"))
             return
+        client.last_active = time.monotonic()
         client.pending.extend(client.splitter.feed(data))
 
     def _take_fds(self, client: _Client, ancdata: List[Tuple[int, int, bytes]],
@@ -307,10 +335,13 @@ class QmpServer:
             log.warning("QMP client passed more fds than %d; extra ones dropped",
                         MAX_PENDING_FDS)
 
+    @staticmethod
+    def _can_process(client: _Client) -> bool:
+        return bool(client.pending) and not client.closed and len(client.outbuf) < HIGH_WATER
+
     def _process(self, client: _Client) -> None:
         handled = 0
-        while (client.pending and handled < BATCH and not client.closed
-               and not self._stopping and len(client.outbuf) < HIGH_WATER):
+        while self._can_process(client) and handled < BATCH and not self._stopping:
             self._handle(client, client.pending.popleft())
             handled += 1
         if client.eof and not client.pending and not client.outbuf and not client.closed:
@@ -318,17 +349,16 @@ class QmpServer:
 
     def _handle(self, client: _Client, raw: Union[bytes, TooLong]) -> None:
         if isinstance(raw, TooLong):
-            err = QmpInputError(f"QMP message too long ({raw.size} bytes; "
-                                f"the limit is {MAX_MESSAGE_BYTES} bytes)")
-            self._queue(client, encode(error_reply(err)))
+            self._bad_input(client, encode(error_reply(QmpInputError(raw.reason()))))
             return
         try:
             request = parse_request(raw)
         except RequestError as err:
             log.info("QMP: bad input %s: %s", describe(raw), err)
-            self._queue(client, safe_encode(error_reply(err, "GenericError",
-                                                        err.msg_id, err.has_id)))
+            self._bad_input(client, safe_encode(error_reply(err, "GenericError",
+                                                            err.msg_id, err.has_id)))
             return
+        client.bad_in_a_row = 0
         log.info("QMP: --> %s", describe(raw))
         negotiating = request.command == "qmp_capabilities"
         if not negotiating:
@@ -348,6 +378,20 @@ class QmpServer:
                 log.exception("QMP: %s failed after its reply", request.command)
             self._deliver_events()
             self._flush_blocking(list(self._clients.values()), CLOSE_FLUSH_TIMEOUT)
+
+    def _bad_input(self, client: _Client, line: bytes) -> None:
+        """Answer one malformed message; a client sending nothing else is let go, since
+        ``[][][]...`` would otherwise cost a parse and a reply every two bytes."""
+        self._queue(client, line)
+        client.bad_in_a_row += 1
+        if client.bad_in_a_row >= MAX_BAD_IN_A_ROW:
+            log.warning("QMP: %d malformed messages in a row; closing the connection",
+                        MAX_BAD_IN_A_ROW)
+            err = QmpInputError(f"{MAX_BAD_IN_A_ROW} malformed messages in a row; "
+                                "closing the connection")
+            self._queue(client, encode(error_reply(err)))
+            client.pending.clear()
+            client.eof = True          # no more reading; dropped once the replies are out
 
     # ------------------------------------------------------------------ output
     def _queue(self, client: _Client, line: bytes) -> None:

@@ -21,10 +21,33 @@ SECTIONS = {
 }
 
 
+# What a restore accepts (field types and ranges; KVM would judge the blob contents):
+# verify says OK only for such a template.
+_VCPU = {"index": 0, "mp_state": b"\0" * 4, "regs": b"\0" * 144, "sregs": b"\0" * 312,
+         "fpu": b"\0" * 416, "xsave": b"\0" * 4096, "xcrs": b"\0" * 392,
+         "debugregs": b"\0" * 128, "lapic": b"\0" * 1024, "msrs": [(0x10, 5)],
+         "vcpu_events": b"\0" * 64, "tsc_khz": 0}
+RESTORABLE = {
+    "config": (1, {"machine": "microvm", "mem_size": 64 * MiB, "nr_cpus": 1, "devices": []}),
+    "vm": (1, {"pic_master": b"\0" * 520, "pic_slave": b"\0" * 520, "ioapic": b"\0" * 520,
+               "pit": b"\0" * 112, "clock": 1}),
+    "vcpus": (1, [_VCPU]),
+    "serial": (1, {"ier": 0, "lcr": 3, "mcr": 8, "fcr": 0, "scr": 0, "dll": 12, "dlh": 0,
+                   "thre_pending": False, "rx": b""}),
+}
+
+
 @pytest.fixture
 def tpl(tmp_path, guest):
     d = tmp_path / "tpl"
     write_template(str(d), {"kvm_api_version": 12}, SECTIONS, guest)
+    return d
+
+
+@pytest.fixture
+def restorable(tmp_path, guest):
+    d = tmp_path / "restorable"
+    write_template(str(d), {"kvm_api_version": 12}, RESTORABLE, guest)
     return d
 
 
@@ -42,10 +65,24 @@ def test_info(tpl, capsys):
     assert "machine: microvm" in out
 
 
-def test_verify_ok(tpl, capsys):
-    assert cli.main(["verify", str(tpl)]) == 0
+def test_verify_ok(restorable, capsys):
+    assert cli.main(["verify", str(restorable)]) == 0
     out = capsys.readouterr()
     assert out.out == "OK\n" and out.err == ""
+
+
+def test_verify_refuses_what_a_restore_would(tmp_path, guest, capsys):
+    """Intact (every checksum right), but not restorable: verify says so."""
+    for name, sections, words in [
+            ("unknown", dict(RESTORABLE, cpu=(1, {})), "has a section 'cpu' this version does not know"),
+            ("newer", dict(RESTORABLE, vm=(2, RESTORABLE["vm"][1])), "section 'vm' has version 2"),
+            ("field", dict(RESTORABLE, serial=(1, dict(RESTORABLE["serial"][1], dll=1 << 40))),
+             "section 'serial': field 'dll' is 1099511627776, out of range"),
+            ("missing", {"config": RESTORABLE["config"]}, "has no 'vm' section")]:
+        d = tmp_path / name
+        write_template(str(d), {"kvm_api_version": 12}, sections, guest)
+        assert cli.main(["verify", str(d)]) == 1
+        assert words in capsys.readouterr().err
 
 
 def test_verify_corrupt(tpl, capsys):
@@ -62,7 +99,8 @@ def test_verify_corrupt(tpl, capsys):
 
 def test_verify_host_check(tmp_path, guest, capsys):
     d = tmp_path / "tpl"
-    write_template(str(d), {"kvm_api_version": 12, "cpu_vendor": "SomeOtherVendor"}, {}, guest)
+    write_template(str(d), {"kvm_api_version": 12, "cpu_vendor": "SomeOtherVendor"}, RESTORABLE,
+                   guest)
     assert cli.main(["verify", str(d)]) == 1
     assert "SomeOtherVendor CPU" in capsys.readouterr().err
     assert cli.main(["verify", "--no-host-check", str(d)]) == 0

@@ -100,6 +100,14 @@ class FakeMachine:
         self.calls.append(("netdev_add", args))
         self.netdevs[args["id"]] = args
 
+    def blockdev_del(self, node_name: str) -> None:
+        self.calls.append(("blockdev_del", node_name))
+        self.blockdevs.pop(node_name)
+
+    def netdev_del(self, netdev_id: str) -> None:
+        self.calls.append(("netdev_del", netdev_id))
+        self.netdevs.pop(netdev_id)
+
     def device_add(self, args: dict) -> None:
         self.calls.append(("device_add", args))
         if args["driver"] == "virtio-blk-mmio" and args.get("drive") not in self.blockdevs:

@@ -9,7 +9,7 @@ import pytest
 
 from stratovirt_py.errors import ConfigError
 from stratovirt_py.qmp import EventBus, parse_qmp_address
-from stratovirt_py.qmp.protocol import (GREETING_LINE, MessageSplitter, QmpInputError,
+from stratovirt_py.qmp.protocol import (GREETING_LINE, MAX_NESTING, MessageSplitter, QmpInputError,
                                         RequestError, TooLong, parse_request)
 from stratovirt_py.qmp.schema import BLOCKDEV_ADD, DEVICE_ADD, DEVICE_DEL, validate
 
@@ -70,6 +70,18 @@ def test_too_long_message_is_dropped_without_being_stored():
     assert out[1:] == [b'{"execute":"ok"}']
     out = s.feed(b"z" * 500 + b"\n" + b'{"execute":"ok2"}')
     assert isinstance(out[0], TooLong) and out[1:] == [b'{"execute":"ok2"}']
+
+
+def test_deep_nesting_is_skipped_to_the_newline():
+    s = MessageSplitter()
+    deep = b"[" * (MAX_NESTING + 1)
+    out = s.feed(b'{"a":' + b"[" * (MAX_NESTING - 1) + b"]" * (MAX_NESTING - 1) + b"}\n")
+    assert len(out) == 1 and isinstance(out[0], bytes)          # at the limit: a message
+    out = s.feed(deep + b"]" * 10 + b'{"execute":"hidden"}')
+    assert out == [] and s.pending == 0                           # nothing kept, still skipping
+    out = s.feed(b"[" * (4 << 20) + b'\n{"execute":"ok"}')
+    assert isinstance(out[0], TooLong) and out[0].too_deep and "nested" in out[0].reason()
+    assert out[1:] == [b'{"execute":"ok"}']
 
 
 # ------------------------------------------------------------------ requests

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import struct
 import threading
@@ -11,6 +12,8 @@ import time
 import pytest
 
 from stratovirt_py.qmp.protocol import MAX_MESSAGE_BYTES
+from stratovirt_py.qmp import server as server_module
+from stratovirt_py.qmp.server import MAX_BAD_IN_A_ROW
 
 
 def _alive(c) -> None:
@@ -150,3 +153,76 @@ def test_many_clients_at_once(server, connect):
         c.send(json.dumps({"execute": "query-status", "id": i}).encode() + b"\n")
     for i, c in enumerate(clients):
         assert c.read_reply()["id"] == i
+
+
+def _thread_cpu_seconds(native_id: int) -> float:
+    with open(f"/proc/self/task/{native_id}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_client_that_sends_but_never_reads_costs_no_cpu(server, connect, wait):
+    """Replies pile up to the high-water mark, then the server stops reading that client
+    and waits for it to become writable; it must not poll it in a busy loop."""
+    deaf = connect()
+    deaf.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    deaf.sock.setblocking(False)
+    try:
+        for _ in range(2000):          # ~2000 query-commands replies: well past HIGH_WATER
+            deaf.sock.send(b'{"execute":"query-commands"}\n' * 4)
+    except BlockingIOError:
+        pass                           # the server stopped reading us: that is the point
+    time.sleep(0.5)                    # let it reach the steady state
+    tid = server._thread.native_id
+    before = _thread_cpu_seconds(tid)
+    time.sleep(1.0)
+    assert _thread_cpu_seconds(tid) - before < 0.2
+    polite = connect()
+    assert polite.cmd("query-status")["return"]["running"] is True
+
+
+@pytest.mark.parametrize("flood", [b"[" * (8 << 20), b"{" * (8 << 20), b"[]" * (4 << 20)])
+def test_bracket_floods_are_rejected_fast(server, connect, wait, flood):
+    """Megabytes of brackets: one error for a too-deep message, or the connection closed
+    after a run of malformed ones; seconds, not minutes, and others are served meanwhile."""
+    c = connect(timeout=10)
+    polite = connect()
+    start = time.monotonic()
+
+    def send():
+        try:
+            c.send(flood + b"\n")
+        except OSError:
+            pass                   # closed on us mid-flood: fine
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    if flood.startswith(b"[]"):
+        replies = []
+        try:
+            while True:
+                replies.append(c.read_reply())
+        except (EOFError, OSError):
+            pass
+        assert len(replies) == MAX_BAD_IN_A_ROW + 1
+        assert "malformed messages in a row" in replies[-1]["error"]["desc"]
+    else:
+        assert "nested more than" in c.read_reply()["error"]["desc"]
+        assert c.cmd("query-status")["return"]["running"] is True
+    t.join(10)
+    assert time.monotonic() - start < 10
+    assert polite.cmd("query-status")["return"]["running"] is True
+
+
+def test_idle_connections_do_not_lock_the_orchestrator_out(server, connect, wait, monkeypatch):
+    monkeypatch.setattr(server_module, "IDLE_EVICT_SECONDS", 0.5)
+    idle = [connect() for _ in range(server_module.MAX_CLIENTS)]
+    assert wait(lambda: server.client_count == server_module.MAX_CLIENTS)
+    with pytest.raises((EOFError, OSError)):
+        connect(timeout=2).read_line()    # all of them fresh: the newcomer is refused
+    time.sleep(0.6)
+    idle[-1].cmd("query-status")          # one is busy now: it is not the one closed
+    orchestrator = connect()
+    assert orchestrator.cmd("query-status")["return"]["running"] is True
+    with pytest.raises((EOFError, OSError)):
+        idle[0].read_line()               # the longest-idle one made room
+    assert idle[-1].cmd("query-status")["return"]["running"] is True

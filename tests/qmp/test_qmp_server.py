@@ -250,6 +250,15 @@ def test_tcp_and_unix_at_once(machine, bus, qmp_path):
         srv.close()
 
 
+def test_tcp_off_loopback_warns_that_qmp_has_no_authentication(machine, bus, caplog):
+    for host, warned in (("127.0.0.1", False), ("0.0.0.0", True)):
+        caplog.clear()
+        srv = QmpServer(machine, bus, [f"tcp:{host}:0,server,nowait"])
+        srv.start()
+        srv.close()
+        assert ("no authentication" in caplog.text) == warned, (host, caplog.text)
+
+
 def test_close_with_clients_connected(machine, bus, qmp_path):
     srv = QmpServer(machine, bus, [f"unix:{qmp_path},server,nowait"])
     srv.start()

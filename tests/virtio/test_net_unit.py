@@ -669,6 +669,28 @@ def test_multi_queue_fds_use_the_first_queue(netns):
     in_netns(netns, body)
 
 
+def test_from_fds_never_closes_what_is_not_its_tap(netns):
+    """The extra queues are closed: a number that is no queue of the tap (a descriptor
+    the VMM uses for itself) must be refused, with every fd left open."""
+    import fcntl
+
+    def body():
+        fd = os.open(T.TUN_PATH, os.O_RDWR)
+        fcntl.ioctl(fd, T.TUNSETIFF, T._ifreq("svmq1", T.IFF_TAP | T.IFF_NO_PI | T.IFF_MULTI_QUEUE))
+        r, w = os.pipe()
+        try:
+            with pytest.raises(DeviceError, match=f"fd {r} is not a queue of tap svmq1"):
+                T.Tap.from_fds("n0", [fd, r])
+            with pytest.raises(DeviceError, match="name a descriptor more than once"):
+                T.Tap.from_fds("n0", [fd, fd])
+            for still_open in (fd, r, w):
+                os.fstat(still_open)
+        finally:
+            for x in (fd, r, w):
+                os.close(x)
+    in_netns(netns, body)
+
+
 # -- hot-replace --------------------------------------------------------------------------------
 def test_empty_slot_then_replace_backend(mem, io):
     dev = N.Net.empty(id="slot4")

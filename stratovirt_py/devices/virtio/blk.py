@@ -94,6 +94,9 @@ class BlkState:
     serial: str        # "" when none
     readonly: bool
 
+    FIELDS: ClassVar[dict] = {"path": ("str", 4096), "capacity": ("int", 0, 1 << 63),
+                              "serial": ("str", 256), "readonly": ("bool",)}
+
 
 class Blk(VirtioDevice):
     DEVICE_ID = VIRTIO_ID_BLOCK

@@ -44,6 +44,8 @@ class ConsoleState:
     VERSION: ClassVar[int] = 1
     pending_input: bytes
 
+    FIELDS: ClassVar[dict] = {"pending_input": ("bytes", MAX_PENDING_INPUT)}
+
 
 class Console(VirtioDevice):
     DEVICE_ID = VIRTIO_ID_CONSOLE

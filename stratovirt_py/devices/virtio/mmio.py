@@ -41,7 +41,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Callable, ClassVar, List, Optional, Set, Tuple
 
-from ...errors import SnapshotError
+from ...errors import U32, U64, SnapshotError, check_fields
 from ...memory import GuestMemory
 from ..iothread import IoThread
 from .device import (INT_CONFIG_CHANGE, INT_USED_BUFFER, STATUS_ACKNOWLEDGE,
@@ -134,6 +134,19 @@ class MmioTransportState:
     interrupt_status: int
     config_generation: int
     queues: List[QueueState] = field(default_factory=list)
+
+    FIELDS: ClassVar[dict] = {
+        "device_id": ("int", 0, U32), "device_features": ("int", 0, U64),
+        "acked_features": ("int", 0, U64), "device_features_sel": ("int", 0, U32),
+        "driver_features_sel": ("int", 0, U32), "queue_sel": ("int", 0, U32),
+        "status": ("int", 0, 0xFF), "interrupt_status": ("int", 0, U32),
+        "config_generation": ("int", 0, U32), "queues": ("list", 64)}
+
+    @classmethod
+    def check(cls, section: str, data: dict, prefix: str) -> None:
+        check_fields(section, data, cls.FIELDS, prefix)
+        for i, q in enumerate(data["queues"]):
+            check_fields(section, q, QueueState.FIELDS, f"{prefix}queues[{i}].")
 
     @classmethod
     def from_dict(cls, d: dict) -> "MmioTransportState":

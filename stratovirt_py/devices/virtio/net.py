@@ -44,7 +44,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
     from typing import ClassVar, List, Optional, Tuple
 
-from ...errors import ConfigError, DeviceError, SnapshotError
+from ...errors import U32, ConfigError, DeviceError, SnapshotError
 from ..tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN,
                    Tap)
 from .device import COMMON_FEATURES, VIRTIO_ID_NET, VirtioDevice, bit
@@ -135,6 +135,9 @@ class NetState:
     mac: str               # aa:bb:cc:dd:ee:ff
     offloads: int          # TUN_F_* flags the guest's features asked for
     pending_rx: bytes      # a frame (with its 12-byte header) read but not yet delivered; b"" if none
+
+    FIELDS: ClassVar[dict] = {"mac": ("str", 17), "offloads": ("int", 0, U32),
+                              "pending_rx": ("bytes", MAX_FRAME + HDR_LEN)}
 
 
 class Net(VirtioDevice):

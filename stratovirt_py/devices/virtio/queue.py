@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # typing costs an import at run time
     from typing import ClassVar, List, Optional, Tuple
     Segment = Tuple[int, int]  # (guest address, length)
 
-from ...errors import SnapshotError
+from ...errors import U64, SnapshotError
 from ...memory import GuestMemory
 
 VIRTQ_DESC_F_NEXT = 1
@@ -133,6 +133,12 @@ class QueueState:
     next_used: int
     event_idx: bool
     indirect: bool
+
+    FIELDS: ClassVar[dict] = {
+        "max_size": ("int", 0, 0x8000), "size": ("int", 0, 0x8000), "ready": ("bool",),
+        "desc_table": ("int", 0, U64), "avail_ring": ("int", 0, U64), "used_ring": ("int", 0, U64),
+        "next_avail": ("int", 0, 0xFFFF), "next_used": ("int", 0, 0xFFFF),
+        "event_idx": ("bool",), "indirect": ("bool",)}
 
 
 class Queue:

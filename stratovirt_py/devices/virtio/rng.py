@@ -30,6 +30,8 @@ class RngState:
     VERSION: ClassVar[int] = 1
     path: str
 
+    FIELDS: ClassVar[dict] = {"path": ("str", 4096)}
+
 
 class Rng(VirtioDevice):
     DEVICE_ID = VIRTIO_ID_RNG
