@@ -24,6 +24,7 @@ import threading
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
+    import socket
     from typing import Callable, Optional
     Receiver = Callable[[bytes], None]
 

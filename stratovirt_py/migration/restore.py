@@ -18,7 +18,7 @@ from ..devices.serial import SerialState
 from ..errors import SnapshotError
 from ..memory import GuestMemory
 from . import compat
-from .snapshot import SECTION_VERSIONS, VIRTIO_SECTION_VERSION, check_sections
+from .snapshot import check_sections
 from .vmstate import VcpuState, VmState, restore_vcpu, restore_vm
 
 log = get_logger(__name__)
@@ -36,17 +36,11 @@ def restore_vmm(cfg: VmConfig, events: Any):
     from ..kvm.system import API_VERSION
     from .format import read_template
     tpl_dir = cfg.incoming.path
-    supported = dict(SECTION_VERSIONS)
     # Memory data is checked (or found in the verification cache) before the
     # configuration, so that one message lists every configuration difference.
     template = read_template(tpl_dir, verify=True, kvm_api_version=API_VERSION,
                              stamp_later=True)
-    for name, (version, _) in template.sections.items():
-        limit = VIRTIO_SECTION_VERSION if name.startswith("virtio:") else supported.get(name)
-        if limit is None:
-            raise SnapshotError(f"template {tpl_dir} has a section '{name}' this version does not know")
-        template.section(name, limit)
-    check_sections(template)
+    check_sections(template)        # unknown or newer sections, every field's type and range
     saved_cfg = template.section("config")
     compat.place_like(cfg, saved_cfg)
     compat.check(compat.describe(cfg), saved_cfg)

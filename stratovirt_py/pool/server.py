@@ -34,14 +34,27 @@ from . import identity
 from .request import Request, RequestError, receive, reply_exit, reply_pid
 
 
+# Not part of a VM's start: build scripts, entry points, the demo and its guest builder.
+_NOT_WARMED = ("._build", "._blk_build", ".__main__", "._start", ".demo", ".guest")
+
+
 def _warm_up() -> None:
-    """Import everything a VM start needs and cache the host's KVM facts."""
-    from .. import builder, cli, cmdline  # noqa: F401
-    from ..devices import hotplug, setup  # noqa: F401
-    from ..devices.virtio import blk, console, mmio, net, rng  # noqa: F401
+    """Import everything a VM may need (every module of the package, and what modules
+    load lazily after a direct start) and cache the host's KVM facts: a fork of this
+    process then imports nothing, and a module added later cannot be forgotten here."""
+    import importlib
+    import pkgutil
+
+    import stratovirt_py
+    for mod in pkgutil.walk_packages(stratovirt_py.__path__, "stratovirt_py."):
+        if not any(part in mod.name for part in _NOT_WARMED):
+            importlib.import_module(mod.name)
+    import json, logging, selectors, signal, socket  # noqa: F401,E401 - lazy after a direct start
+    from ..devices.virtio import blk_native
     from ..kvm import system
-    from ..migration import format, restore, snapshot  # noqa: F401
-    from ..qmp import commands, events, server  # noqa: F401
+    from ..migration import memfile
+    blk_native.built()
+    memfile._ctypes()
     system.warm_host_facts()
 
 

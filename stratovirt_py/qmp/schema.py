@@ -16,7 +16,7 @@ from ..record import record
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Any, Dict, Mapping, Union
-    Schema = Mapping[str, Arg]
+    Schema = Mapping[str, "Arg"]
 
 from .protocol import QmpInputError
 

@@ -37,7 +37,6 @@ if TYPE_CHECKING:  # typing costs an import at run time
     from .machine import MachineControl
 
 from ..logs import get_logger
-from ..errors import ConfigError
 from .address import QmpAddress, parse_qmp_address
 from .commands import Dispatcher
 from . import listen
