@@ -131,7 +131,8 @@ def test_kvm_pvm_data_planes_spread_over_cpus(kvm, guest_elf, tmp_path):
     all_cpus = _allowed(os.getpid(), os.getpid())
     vms, cpus = [], []
     try:
-        for i in range(2):
+        for i in range(3):      # three: another VM of this user starting meanwhile cannot
+                                # make all of them share a CPU
             vm = VmProcess(hb_args(guest_elf), tmp_path)
             vms.append(vm)
             vm.wait_for(r"^heartbeat 1$")
@@ -140,7 +141,7 @@ def test_kvm_pvm_data_planes_spread_over_cpus(kvm, guest_elf, tmp_path):
             assert "," not in cpu and "-" not in cpu, cpu     # one CPU
             assert _allowed(vm.proc.pid, vm.proc.pid) == all_cpus
             cpus.append(cpu)
-        assert cpus[0] != cpus[1]
+        assert len(set(cpus)) >= 2, cpus
     finally:
         for vm in vms:
             vm.kill()
