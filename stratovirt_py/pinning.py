@@ -8,6 +8,15 @@ vCPU thread and I/O thread on the same CPU pass every time, on different CPUs fa
 every time, wherever the main and QMP threads run.  So on kvm_pvm the data plane
 (vCPU threads and the I/O thread) shares one CPU and the rest of the VMM floats.
 
+Not an ordering problem on our side: x86 keeps one thread's stores in order, the guest
+fences between reading the used index and the status, and the failing guest then reads
+the stale status on every later completion too.  One exit to the VMM between the two
+reads (the test guest's `sv.pollexit`) removed it: 0 of 50 runs against 5 of 50 without
+(`tools/pvm-stale-read`, 2026-12-06).  That points at the kvm_pvm emulator, which runs
+guest CPL0 code in batches, keeping a stale view of guest memory written from another CPU
+until the vCPU next leaves KVM_RUN.  An interrupt-driven guest (Linux) leaves KVM_RUN on
+every completion interrupt and may not need the pin; only the polling test guest was tried.
+
 The CPU is handed out round-robin through a counter shared by the VMs of this host,
 so clones started together spread over the CPUs instead of piling onto one.
 STRATOVIRT_PVM_PIN=off turns this off; hardware KVM needs none of it.

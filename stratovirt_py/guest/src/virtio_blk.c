@@ -235,6 +235,7 @@ void virtio_blkbench(const char *arg)
         bench_submit(q, s, write, bs, bench_sector(&rng, submitted, spr, span, random), indirect);
     virtq_notify(d, q);
     u64 deadline = rdtsc() + ms_to_tsc(BLK_TIMEOUT_MS);
+    int pollexit = cmdline_param("sv.pollexit") != NULL;
     while (completed < count) {
         u32 id;
         int notify = 0, got = 0;
@@ -245,6 +246,8 @@ void virtio_blkbench(const char *arg)
                 errors++;
                 continue;
             }
+            if (pollexit)
+                (void)inb(0x80);
             if (statuses[s] != 0)
                 errors++;
             completed++;
