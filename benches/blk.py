@@ -67,7 +67,7 @@ def one_run(peer, qemu, kernel, img, rw, bs, count, tmp, i, qemu_cache, mem,
             "-global", "virtio-mmio.force-legacy=false",
             "-drive", f"id=d0,file={img},format=raw,if=none,cache={qemu_cache}",
             "-device", "virtio-blk-device,drive=d0"])
-    vm = C.Vmm(peer, argv, qmp)
+    vm = C.Vmm(peer, argv, qmp, env=None if peer == "qemu" else C.NO_POOL_ENV)
     try:
         _, line, idx = vm.wait_line(lambda l: l.startswith(b"blkbench: ") and (
             RESULT.match(l) or b"errors" not in l), 300)

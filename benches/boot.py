@@ -33,7 +33,7 @@ def one_boot(peer: str, qemu: str, kernel: str, mem: int, tmp: str, i: int,
         argv = C.stratovirt_argv(kernel, mem, append, qmp)
     else:
         argv = C.qemu_argv(qemu, kernel, mem, append, qmp)
-    vm = C.Vmm(peer, argv, qmp)
+    vm = C.Vmm(peer, argv, qmp, env=C.NO_POOL_ENV if peer != "qemu" else None)
     try:
         first = vm.wait_first_byte(60)
         banner, _, _ = vm.wait_line(lambda l: l == C.BANNER, 60)

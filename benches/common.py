@@ -31,6 +31,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 HEARTBEAT = re.compile(rb"^heartbeat (\d+)$")
+# Our VMM as its own process: a pool on the default socket must not serve it.
+NO_POOL_ENV = dict(os.environ, STRATOVIRT_POOL="off")
 BANNER = b"SVGUEST v1 booted"
 
 

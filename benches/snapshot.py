@@ -58,7 +58,8 @@ class Bench:
         self.initrds = {}
 
     def env(self, peer: str):
-        return self.pool.env if peer == "pool" else None
+        # "ours" is the VMM as its own process: never a pool, not even the default one
+        return self.pool.env if peer == "pool" else C.NO_POOL_ENV
 
     # -- set-up -----------------------------------------------------------------
     def initrd(self, mem: int, state: str):

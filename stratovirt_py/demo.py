@@ -157,7 +157,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                             stdout=subprocess.PIPE, text=True)
     try:
         pool.stdout.readline()
-        for mode, env in (("process", None), ("pool", dict(os.environ, STRATOVIRT_POOL=pool_sock))):
+        # "process": never a pool, not even one on the default socket
+        for mode, env in (("process", dict(os.environ, STRATOVIRT_POOL="off")),
+                          ("pool", dict(os.environ, STRATOVIRT_POOL=pool_sock))):
             times = []
             for i in range(opts.clones):
                 c = Vm(common + ["-incoming", f"file:{template}"],
