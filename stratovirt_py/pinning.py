@@ -8,14 +8,18 @@ vCPU thread and I/O thread on the same CPU pass every time, on different CPUs fa
 every time, wherever the main and QMP threads run.  So on kvm_pvm the data plane
 (vCPU threads and the I/O thread) shares one CPU and the rest of the VMM floats.
 
-Not an ordering problem on our side: x86 keeps one thread's stores in order, the guest
-fences between reading the used index and the status, and the failing guest then reads
-the stale status on every later completion too.  One exit to the VMM between the two
-reads (the test guest's `sv.pollexit`) removed it: 0 of 50 runs against 5 of 50 without
-(`tools/pvm-stale-read`, 2026-12-06).  That points at the kvm_pvm emulator, which runs
-guest CPL0 code in batches, keeping a stale view of guest memory written from another CPU
-until the vCPU next leaves KVM_RUN.  An interrupt-driven guest (Linux) leaves KVM_RUN on
-every completion interrupt and may not need the pin; only the polling test guest was tried.
+Not an ordering problem on our side: the device writes the status byte, then the used
+element, then the used index, and x86 keeps one thread's stores in that order.  Measured
+with `tools/pvm-stale-read` (2026-12-06, 2-CPU AMD host): the polling guest read a stale
+status (and its ring then fell out of step) in 19 of 98 runs; with one exit to the VMM
+between reading the used index and reading the status (the test guest's `sv.pollexit`),
+in 0 of 98.  Kicking the vCPU out of KVM_RUN from the host after every completion did not
+help (5 of 16).  What fits: the kvm_pvm emulator, which runs guest CPL0 code in batches,
+serves a guest page the guest itself wrote earlier in the batch (here: the status it set
+to 0xff when it queued the request) from a view that writes from another CPU do not
+reach until the batch ends.  A guest that leaves the batch between queueing and reading
+(an interrupt-driven Linux guest does, through its interrupt handler's exits) may not be
+affected; only the polling test guest was tried.
 
 The CPU is handed out round-robin through a counter shared by the VMs of this host,
 so clones started together spread over the CPUs instead of piling onto one.
