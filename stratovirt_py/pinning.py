@@ -11,9 +11,9 @@ every time, wherever the main and QMP threads run.  So on kvm_pvm the data plane
 Not an ordering problem on our side: the device writes the status byte, then the used
 element, then the used index, and x86 keeps one thread's stores in that order.  Measured
 with `tools/pvm-stale-read` (2026-12-06, 2-CPU AMD host): the polling guest read a stale
-status (and its ring then fell out of step) in 19 of 98 runs; with one exit to the VMM
+status (and its ring then fell out of step) in 11 of 70 runs; with one exit to the VMM
 between reading the used index and reading the status (the test guest's `sv.pollexit`),
-in 0 of 98.  Kicking the vCPU out of KVM_RUN from the host after every completion did not
+in 0 of 86.  Kicking the vCPU out of KVM_RUN from the host after every completion did not
 help (5 of 16).  What fits: the kvm_pvm emulator, which runs guest CPL0 code in batches,
 serves a guest page the guest itself wrote earlier in the batch (here: the status it set
 to 0xff when it queued the request) from a view that writes from another CPU do not
