@@ -13,7 +13,7 @@ import pytest
 
 from stratovirt_py import seccomp
 from test_snapshot import hb_args
-from vmtools import VmProcess
+from vmtools import PoolProcess, VmProcess
 
 # Runs in its own process: a filter cannot be taken off again.
 FILTERED_CHILD = r"""
@@ -97,3 +97,19 @@ def test_filters_are_on_by_default_and_off_with_disable_seccomp(kvm, guest_elf, 
         assert q.cmd("query-status")["return"]["status"] == "running"
         q.cmd("quit")
         assert vm.wait() == 0
+
+
+@pytest.mark.kvm
+def test_a_pool_started_vm_is_filtered_and_the_pool_is_not(kvm, guest_elf, tmp_path):
+    pool = PoolProcess(str(tmp_path / "pool.sock"))
+    try:
+        with VmProcess(hb_args(guest_elf) + ["-D"], tmp_path, env=pool.env) as vm:
+            _wait_stderr(vm, "seccomp: filters on")
+            tid = vm.qmp().cmd("query-cpus")["return"][0]["thread_id"]
+            with open(f"/proc/{tid}/status") as f:
+                vmm_pid = int(f.read().split("Tgid:")[1].split()[0])
+            assert vmm_pid not in (vm.proc.pid, pool.proc.pid)     # really forked by the pool
+            assert _seccomp_modes(vmm_pid) == {"2"}
+            assert _seccomp_modes(pool.proc.pid) == {"0"}
+    finally:
+        pool.stop()
