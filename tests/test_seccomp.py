@@ -21,6 +21,7 @@ import errno, json, os, threading
 from stratovirt_py import seccomp
 go, done = threading.Event(), threading.Event()
 seen = {}
+parent = os.getppid()
 def older_thread():
     go.wait()
     try:
@@ -39,6 +40,15 @@ try:
 except OSError as e:
     seen["fork"] = e.errno
 try:
+    os.sched_setaffinity(parent, os.sched_getaffinity(parent))
+except OSError as e:
+    seen["another process's affinity"] = e.errno
+try:
+    os.kill(parent, 0)
+except OSError as e:
+    seen["kill"] = e.errno
+os.sched_setaffinity(0, os.sched_getaffinity(0))
+try:
     os.posix_spawn("/bin/true", ["true"], {})
 except OSError as e:
     seen["posix_spawn"] = e.errno
@@ -56,6 +66,8 @@ def test_the_production_filter_stops_fork_and_exec_on_every_thread():
     assert seen["tasks filtered"] == ["2", "2"]        # main and the thread already running
     assert seen["execv in a thread started before the filter"] == errno.EPERM
     assert seen["fork"] == errno.EPERM
+    assert seen["another process's affinity"] == errno.EPERM
+    assert seen["kill"] == errno.EPERM
     assert seen["posix_spawn"] in (errno.EPERM, errno.ENOSYS)
     assert seen["new thread"] == "ran"
 
@@ -63,7 +75,7 @@ def test_the_production_filter_stops_fork_and_exec_on_every_thread():
 def test_the_list_lets_threads_but_not_processes_be_made():
     names = set(seccomp.ALLOWED)
     for forbidden in ("execve", "execveat", "fork", "vfork", "ptrace", "process_vm_writev", "kexec_load",
-                      "init_module", "mount", "bpf", "setns", "unshare"):
+                      "init_module", "mount", "bpf", "setns", "unshare", "kill", "tkill"):
         assert forbidden not in names
     clone = [args for name, action, args in seccomp.rules() if name == "clone"]
     assert clone == [[(0, 7, seccomp.CLONE_THREAD, seccomp.CLONE_THREAD)]]
