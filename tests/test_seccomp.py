@@ -5,6 +5,7 @@ the rest of the suite, which runs every VM with the filter on.)"""
 import errno
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -125,3 +126,10 @@ def test_a_pool_started_vm_is_filtered_and_the_pool_is_not(kvm, guest_elf, tmp_p
             assert _seccomp_modes(pool.proc.pid) == {"0"}
     finally:
         pool.stop()
+
+
+def test_with_kill_as_the_default_a_forbidden_call_ends_the_process():
+    child = ("import os; from stratovirt_py import seccomp; "
+             "seccomp.install(seccomp.ACT_KILL_PROCESS); os.fork(); print('survived')")
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert r.returncode == -signal.SIGSYS and "survived" not in r.stdout
