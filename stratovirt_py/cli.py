@@ -78,6 +78,21 @@ def run(argv: List[str], on_started: Optional[Callable] = None) -> int:
     return code
 
 
+def _install_seccomp(cfg, vmm) -> None:
+    """Filter every thread now that the guest and QMP run (docs/security.md, "Seccomp")."""
+    if cfg.disable_seccomp:
+        log.info("seccomp: filters off (-disable-seccomp)")
+        return
+    from . import seccomp
+    try:
+        ms = seccomp.install()
+    except OSError as e:
+        vmm.shutdown()
+        raise VmmError(f"cannot install seccomp filters: {e.strerror} (-disable-seccomp runs without)") from None
+    log.info("seccomp: filters on for all threads (%d rules, other syscalls fail with EPERM) in %.2f ms",
+             len(seccomp.rules()), ms)
+
+
 def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None) -> int:
     from . import pinning
     pinning.choose()
@@ -127,6 +142,7 @@ def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None)
         vmm.shutdown()
         raise
     vmm.cleanups.append(server.close)
+    _install_seccomp(cfg, vmm)
     stamp = getattr(vmm.restored_from, "pending_stamp", None)
     if stamp is not None:       # verification bookkeeping, once the guest and QMP run
         stamp()

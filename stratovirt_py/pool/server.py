@@ -53,7 +53,9 @@ def _warm_up() -> None:
     from ..devices.virtio import blk_native
     from ..kvm import system
     from ..migration import memfile
+    from .. import seccomp
     blk_native.built()
+    seccomp._libseccomp()
     memfile._ctypes()
     system.warm_host_facts()
 
