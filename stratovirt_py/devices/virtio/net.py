@@ -162,6 +162,7 @@ class Net(VirtioDevice):
         self._pending: Optional[bytes] = None          # held frame (MRG_RXBUF), with header
         self._restored_pending: Optional[bytes] = None
         self._bounce = bytearray(MAX_FRAME)
+        self._native = False    # the C fast path (net_native): made at the first frame
         self._bounce_view = memoryview(self._bounce)
         self.rx_frames = self.tx_frames = 0
         self.rx_dropped = self.tx_dropped = 0

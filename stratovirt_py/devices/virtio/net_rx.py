@@ -17,11 +17,12 @@ import struct
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
-    from typing import List, Tuple
+    from typing import List, Optional, Tuple
     from .net import Net
 
 from ...logs import get_logger
 from ..tap import VNET_HDR_LEN as HDR_LEN
+from .net_native import NET_DP_HANDBACK, NET_DP_OVERFLOW, NET_DP_TAP_EMPTY, fast_path
 from .queue import DescriptorChain, Queue, QueueError, _fence
 
 log = get_logger("stratovirt_py.devices.virtio.net")   # one logger for the device
@@ -47,6 +48,7 @@ def process_rx(dev: "Net") -> None:
         if not q.ready or dev._tap_dead or dev.tap is None:
             dev._want_rx = False
             return
+        native = fast_path(dev)
         frames = 0
         while True:
             if frames >= RX_BATCH:
@@ -65,7 +67,20 @@ def process_rx(dev: "Net") -> None:
                     dev._want_rx = False
                     return
             elif q.pending():
-                n = receive_one(dev, q)
+                read = None
+                if native is not None:
+                    done, stop, read = native.rx(dev, q, RX_BATCH - frames)
+                    used += done
+                    frames += done
+                    dev.rx_frames += done
+                    if stop == NET_DP_TAP_EMPTY:
+                        dev._want_rx = True
+                        return
+                    if stop != NET_DP_OVERFLOW:
+                        read = None
+                        if stop != NET_DP_HANDBACK:
+                            continue
+                n = receive_one(dev, q, read)
                 if n < 0:                 # nothing to read
                     dev._want_rx = True
                     return
@@ -83,8 +98,12 @@ def process_rx(dev: "Net") -> None:
             dev.signal_used(RX_QUEUE)
 
 
-def receive_one(dev: "Net", q: Queue) -> int:
-    """Read one frame into the next chain(s); chains used, 0 if dropped, -1 if none waits."""
+def receive_one(dev: "Net", q: Queue, read: Optional[int] = None) -> int:
+    """Read one frame into the next chain(s); chains used, 0 if dropped, -1 if none waits.
+
+    ``read``: the C fast path has read that many bytes into this chain and the bounce
+    buffer already (a frame that did not fit), as the ``readv`` below would have.
+    """
     chain = q.pop()
     cap = chain.writable_len
     if cap < HDR_LEN:
@@ -101,7 +120,7 @@ def receive_one(dev: "Net", q: Queue) -> int:
         views = [view(a, n) for a, n in segs]
     in_chain = (cap - skip) if views else 0
     try:
-        n = dev.tap.readv(views + [dev._bounce_view])
+        n = dev.tap.readv(views + [dev._bounce_view]) if read is None else read
     except OSError as e:
         q.undo_pop()
         dev.rx_dropped += 1

@@ -14,6 +14,7 @@ if TYPE_CHECKING:  # typing costs an import at run time
 
 from ...logs import get_logger
 from ..tap import VNET_HDR_LEN as HDR_LEN
+from .net_native import fast_path
 from .queue import DescriptorChain
 
 log = get_logger("stratovirt_py.devices.virtio.net")   # one logger for the device
@@ -30,6 +31,7 @@ def process_tx(dev: "Net", batch: int) -> None:
     if not q.ready:
         return
     skip = 0 if dev._vnet_hdr else HDR_LEN
+    native = fast_path(dev) if dev.tap is not None and not dev._tap_dead else None
     sent = 0
     try:
         while True:
@@ -37,6 +39,12 @@ def process_tx(dev: "Net", batch: int) -> None:
                 if sent >= batch:
                     dev.call_later(0, dev._process_tx)
                     return
+                if native is not None:
+                    done, handback = native.tx(dev, q, batch - sent)
+                    sent += done
+                    dev.tx_frames += done
+                    if not handback:
+                        continue
                 chain = q.pop()
                 if not send(dev, chain, skip):
                     q.undo_pop()
