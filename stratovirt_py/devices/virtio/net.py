@@ -316,12 +316,10 @@ class Net(VirtioDevice):
 
     # -- the data path (net_rx.py, net_tx.py: loaded at first use, after the guest runs) ------
     def _process_rx(self) -> None:
-        from .net_rx import process_rx
-        process_rx(self)
+        _path.process_rx(self)
 
     def _process_tx(self, batch: Optional[int] = None) -> None:
-        from .net_tx import process_tx
-        process_tx(self, batch or TX_BATCH)
+        _path.process_tx(self, batch or TX_BATCH)
 
     # -- snapshot ---------------------------------------------------------------------------------
     def drain(self) -> None:
@@ -377,6 +375,20 @@ class Net(VirtioDevice):
         self._update_watch()
         if self.tap is not None:
             self.tap.close()
+
+
+class _DataPath:
+    """net_rx and net_tx, imported at the first frame: an import statement per kick costs
+    more than the attribute lookup that replaces it once they are loaded."""
+
+    def __getattr__(self, name: str):
+        from . import net_rx, net_tx
+        self.process_rx = net_rx.process_rx
+        self.process_tx = net_tx.process_tx
+        return self.__dict__[name]
+
+
+_path = _DataPath()
 
 
 # -- from the command line -----------------------------------------------------------------------
