@@ -18,15 +18,14 @@
 #include <sys/uio.h>
 
 #include "net_dataplane.h"
+#include "vring_chain.h"
 
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define DESC_F_INDIRECT 4
 #define HDR_LEN 12                /* virtio_net_hdr_v1 */
 #define MAX_SEGS 64               /* per chain; longer chains go to Python */
 
-static uint8_t *guest_ptr(const struct net_dp *dp, uint64_t gpa, uint64_t len)
+static uint8_t *guest_ptr(const void *p, uint64_t gpa, uint64_t len)
 {
+    const struct net_dp *dp = p;
     for (int i = 0; i < dp->nregions; i++) {
         uint64_t off = gpa - dp->gpa[i];
         if (gpa >= dp->gpa[i] && off < dp->size[i] && len <= dp->size[i] - off)
@@ -40,46 +39,27 @@ static uint8_t *guest_ptr(const struct net_dp *dp, uint64_t gpa, uint64_t len)
 static int gather(const struct net_dp *dp, uint16_t head, int writable,
                   struct iovec *iov, uint64_t *total)
 {
-    const uint8_t *table = dp->desc;
-    uint32_t count = dp->qsize, idx = head, steps = 0;
+    struct vring_walk w;
+    struct vring_desc d;
     int n = 0;
     *total = 0;
+    vring_walk_start(&w, dp->desc, dp->qsize, head);
     for (;;) {
-        if (idx >= count || ++steps > count)
+        if (!vring_walk_next(&w, dp->indirect, guest_ptr, dp, &d))
             return 0;
-        const uint8_t *d = table + 16 * (uint64_t)idx;
-        uint64_t addr;
-        uint32_t len;
-        uint16_t flags, next;
-        memcpy(&addr, d, 8);
-        memcpy(&len, d + 8, 4);
-        memcpy(&flags, d + 12, 2);
-        memcpy(&next, d + 14, 2);
-        if (flags & DESC_F_INDIRECT) {          /* only as the head: the whole chain */
-            if (!dp->indirect || table != dp->desc || steps != 1 || flags & DESC_F_NEXT ||
-                len == 0 || len % 16 || len / 16 > 65536)
-                return 0;
-            table = guest_ptr(dp, addr, len);
-            if (!table)
-                return 0;
-            count = len / 16;
-            idx = steps = 0;
-            continue;
-        }
-        if (len == 0 || !!(flags & DESC_F_WRITE) != writable || n >= MAX_SEGS)
+        if (d.len == 0 || !!(d.flags & VRING_DESC_F_WRITE) != writable || n >= MAX_SEGS)
             return 0;
-        uint8_t *h = guest_ptr(dp, addr, len);
+        uint8_t *h = guest_ptr(dp, d.addr, d.len);
         if (!h)
             return 0;
-        *total += len;
+        *total += d.len;
         if (*total >= (1ULL << 32))
             return 0;
         iov[n].iov_base = h;
-        iov[n].iov_len = len;
+        iov[n].iov_len = d.len;
         n++;
-        if (!(flags & DESC_F_NEXT))
+        if (!(d.flags & VRING_DESC_F_NEXT))
             return n;
-        idx = next;
     }
 }
 
