@@ -9,8 +9,8 @@
  * have, so errors, NEEDS_RESET, dropped frames and back-pressure keep one definition.
  * A failed read or write is likewise handed back untaken, for Python to redo and report.
  *
- * Used entries are published in ring order, each used->idx store after its element
- * (x86 keeps stores in order; the compiler is held by release stores).
+ * Used elements are written here; net_native.py publishes them (used->idx) once per
+ * call, after counting the frames, so that whoever sees the index sees the counters.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -84,7 +84,6 @@ static void put_used(struct net_dp *dp, uint16_t head, uint32_t len)
     memcpy(e + 4, &len, 4);
     dp->next_used = (dp->next_used + 1) & 0xFFFF;
     dp->next_avail = (dp->next_avail + 1) & 0xFFFF;
-    __atomic_store_n((uint16_t *)(dp->used + 2), (uint16_t)dp->next_used, __ATOMIC_RELEASE);
 }
 
 /* Drop the first `skip` bytes of iov[0..n); the new count. */

@@ -77,23 +77,36 @@ class NativeNet:
         return dp
 
     def tx(self, dev: "Net", q: "Queue", limit: int) -> Tuple[int, bool]:
-        """Send up to ``limit`` frames: (how many, whether Python must take the next chain)."""
+        """Send up to ``limit`` frames (counted in ``dev.tx_frames``): (how many, whether
+        Python must take the next chain)."""
         dp = self._prepare(dev, q, 1)
         if dp is None:
             return 0, True
         done = lib.net_dp_tx(dp, limit)
-        q.next_avail, q.next_used = dp.next_avail, dp.next_used
+        if done:
+            dev.tx_frames += done
+            _publish(q, dp)
         return done, dp.stop == NET_DP_HANDBACK
 
     def rx(self, dev: "Net", q: "Queue", limit: int) -> Tuple[int, int, int]:
-        """Receive up to ``limit`` frames: (how many, why it stopped, bytes of an overflow)."""
+        """Receive up to ``limit`` frames (counted in ``dev.rx_frames``): (how many, why it
+        stopped, bytes of an overflow)."""
         dp = self._prepare(dev, q, 0)
         if dp is None:
             return 0, NET_DP_HANDBACK, 0
         dp.guest_csum = 1 if dev._guest_csum else 0
         done = lib.net_dp_rx(dp, limit)
-        q.next_avail, q.next_used = dp.next_avail, dp.next_used
+        if done:
+            dev.rx_frames += done
+            _publish(q, dp)
         return done, dp.stop, dp.overflow
+
+
+def _publish(q: "Queue", dp) -> None:
+    """Take the ring positions back and make the used elements the C side wrote visible
+    (x86 keeps stores in order: the elements before the index)."""
+    q.next_avail, q.next_used = dp.next_avail, dp.next_used
+    q.mem.write_u16(q.used_ring + 2, q.next_used)
 
 
 def native_net(dev: "Net") -> Optional[NativeNet]:

@@ -72,7 +72,6 @@ def process_rx(dev: "Net") -> None:
                     done, stop, read = native.rx(dev, q, RX_BATCH - frames)
                     used += done
                     frames += done
-                    dev.rx_frames += done
                     if stop == NET_DP_TAP_EMPTY:
                         dev._want_rx = True
                         return

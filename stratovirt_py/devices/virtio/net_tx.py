@@ -42,7 +42,6 @@ def process_tx(dev: "Net", batch: int) -> None:
                 if native is not None:
                     done, handback = native.tx(dev, q, batch - sent)
                     sent += done
-                    dev.tx_frames += done
                     if not handback:
                         continue
                 chain = q.pop()
