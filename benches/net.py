@@ -1,7 +1,9 @@
 """virtio-net: stratovirt-py beside QEMU with the same test guest, over a tap in a netns.
 
     sudo .venv/bin/python benches/net.py [--reps 3] [--frames 2000] [--tx-frames 3000]
-                                         [--tx-len 60] [--parts rx,tx]
+                                         [--tx-len 60] [--rx-len 60] [--parts rx,tx]
+
+``STRATOVIRT_BEFORE=<executable>`` adds another build of ours as a third peer (same run).
 
 What the test guest allows us to measure (``sv.net`` sends one PING, then waits for a
 frame of EtherType 0x88B5 and answers it once, dropping and re-posting every other frame;
@@ -149,7 +151,7 @@ def qemu_argv(guest: Path, tmp: str, append: str = RX_APPEND):
             "-device", "virtio-net-device,netdev=n0,mac=52:54:00:12:34:56"]
 
 
-def one_run(argv, frames: int):
+def one_run(argv, frames: int, length: int = 60):
     """(spawn->PING s, seconds from the first injected frame to the PONG)."""
     ns = Netns()
     wire = Wire(ns)
@@ -162,7 +164,7 @@ def one_run(argv, frames: int):
         t_ping = time.perf_counter() - t0
         assert ping[6:12] == GUEST_MAC and b"SVGUEST-NET-PING" in ping, ping[:40]
         time.sleep(0.2)              # let the guest settle into its receive loop
-        other = wire.frame(ETH_OTHER, b"FILLER")
+        other = wire.frame(ETH_OTHER, b"FILLER" + bytes(max(0, length - 20)))
         last = wire.frame(ETH_SV, b"SVBENCH")
         send = wire.tx.send
         t1 = time.perf_counter()
@@ -295,6 +297,8 @@ def main() -> int:
                     help="frames per guest -> host burst (sv.netbench=tx)")
     ap.add_argument("--tx-len", type=int, default=60,
                     help="bytes per transmitted frame incl. the 14-byte Ethernet header (18..1514)")
+    ap.add_argument("--rx-len", type=int, default=60,
+                    help="bytes per injected frame incl. the Ethernet header (60..1514)")
     ap.add_argument("--parts", default="rx,tx",
                     help="rx: host -> guest rate, round trip, boot; tx: guest -> host rate")
     ap.add_argument("--no-qemu", action="store_true")
@@ -307,6 +311,13 @@ def main() -> int:
     guest = build_guest("elf")
     tmp = tempfile.mkdtemp(prefix="svnetbench-")
     peers = [("stratovirt-py", stratovirt_argv)]
+    # STRATOVIRT_BEFORE: another build of ours (an older commit) as a third peer, so that
+    # before/after ratios come from the same run.
+    before = os.environ.get("STRATOVIRT_BEFORE")
+    if before:
+        def before_argv(guest, tmp, append=RX_APPEND):
+            return [before] + stratovirt_argv(guest, tmp, append)[1:]
+        peers.append(("before", before_argv))
     if not a.no_qemu and shutil.which("qemu-system-x86_64"):
         peers.append(("QEMU", qemu_argv))
     samples = {name: {"rate": [], "rtt": [], "boot": [], "txg": [], "txh": [], "lost": [],
@@ -321,7 +332,7 @@ def main() -> int:
                     t_ping, dt = one_run(mk(guest, tmp), 0)
                     samples[name]["boot"].append(t_ping)
                     samples[name]["rtt"].append(dt)
-                    _, dt = one_run(mk(guest, tmp), a.frames)
+                    _, dt = one_run(mk(guest, tmp), a.frames, a.rx_len)
                     samples[name]["rate"].append((a.frames + 1) / dt)
                 if "tx" in parts:
                     g, h, lost, dis = one_tx_run(mk, guest, tmp, a.tx_frames, a.tx_len)
@@ -348,7 +359,8 @@ def main() -> int:
           f"{load0[0]:.2f} before, {load1[0]:.2f} after", file=sys.stderr)
     rows = []
     if "rx" in parts:
-        rows += [("host -> guest frames/s (%d frames)" % a.frames, "rate", "{:.0f}", False),
+        rows += [("host -> guest frames/s (%d x %d B)" % (a.frames, a.rx_len), "rate", "{:.0f}",
+                  False),
                  ("inject -> reply round trip (ms)", "rtt", "{:.2f}", True),
                  ("spawn -> guest's first frame (ms)", "boot", "{:.0f}", True)]
     if "tx" in parts:
@@ -358,16 +370,20 @@ def main() -> int:
                   "txh", "{:.0f}", False)]
     py = results["stratovirt-py"]
     q = results.get("QEMU")
-    print(f"| measurement (median of {a.reps}) | stratovirt-py | QEMU | stratovirt-py / QEMU |")
-    print("| --- | ---: | ---: | ---: |")
+    b = results.get("before")
+    head = "| measurement (median of %d) | stratovirt-py | QEMU | stratovirt-py / QEMU |" % a.reps
+    print(head + (" before | before / QEMU |" if b else ""))
+    print("| --- | ---: | ---: | ---: |" + (" ---: | ---: |" if b else ""))
     for label, key, fmt, is_time in rows:
         scale = 1000 if is_time else 1
         pv = py[key] * scale
-        if q:
-            qv = q[key] * scale
-            print(f"| {label} | {fmt.format(pv)} | {fmt.format(qv)} | {pv / qv:.2f} |")
-        else:
-            print(f"| {label} | {fmt.format(pv)} | - | - |")
+        qv = q[key] * scale if q else None
+        line = f"| {label} | {fmt.format(pv)} | "
+        line += f"{fmt.format(qv)} | {pv / qv:.2f} |" if qv else "- | - |"
+        if b:
+            bv = b[key] * scale
+            line += f" {fmt.format(bv)} | " + (f"{bv / qv:.2f} |" if qv else "- |")
+        print(line)
     if "tx" in parts:
         for name, r in results.items():
             if r.get("lost") or r.get("disorder"):

@@ -19,10 +19,10 @@
 #include <sys/uio.h>
 
 #include "blk_dataplane.h"
+#include "vring_chain.h"
 
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
-#define DESC_F_INDIRECT 4
+#define DESC_F_NEXT VRING_DESC_F_NEXT
+#define DESC_F_WRITE VRING_DESC_F_WRITE
 #define T_IN 0
 #define T_OUT 1
 #define SECTOR 512
@@ -38,8 +38,9 @@ struct req {
     int iov0, niov;
 };
 
-static uint8_t *host_of(const struct blk_dp *dp, uint64_t gpa, uint64_t len)
+static uint8_t *host_of(const void *p, uint64_t gpa, uint64_t len)
 {
+    const struct blk_dp *dp = p;
     for (int i = 0; i < dp->nregions; i++) {
         if (gpa >= dp->gpa[i] && gpa - dp->gpa[i] < dp->size[i] &&
             len <= dp->size[i] - (gpa - dp->gpa[i]))
@@ -54,36 +55,22 @@ static uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v;
 static int parse(const struct blk_dp *dp, uint16_t head, struct req *r,
                  struct iovec *iov, int *n)
 {
-    const uint8_t *table = dp->desc;
-    uint32_t count = dp->qsize, idx = head, steps = 0, nsteps = 0;
+    struct vring_walk w;
+    struct vring_desc d;
+    uint32_t nsteps = 0;
     int segs = 0;
     uint64_t total = 0;
     r->head = head;
     r->nbytes = 0;
     r->iov0 = *n;
     r->niov = 0;
+    vring_walk_start(&w, dp->desc, dp->qsize, head);
     for (;;) {
-        if (idx >= count || ++steps > count)
+        if (!vring_walk_next(&w, dp->indirect, host_of, dp, &d))
             return 0;
-        const uint8_t *d = table + 16 * (uint64_t)idx;
-        uint64_t addr;
-        uint32_t len;
-        uint16_t flags, next;
-        memcpy(&addr, d, 8);
-        memcpy(&len, d + 8, 4);
-        memcpy(&flags, d + 12, 2);
-        memcpy(&next, d + 14, 2);
-        if (flags & DESC_F_INDIRECT) {          /* only as the head: the whole request */
-            if (!dp->indirect || table != dp->desc || steps != 1 || flags & DESC_F_NEXT ||
-                len == 0 || len % 16 || len / 16 > 65536)
-                return 0;
-            table = host_of(dp, addr, len);
-            if (!table)
-                return 0;
-            count = len / 16;
-            idx = steps = 0;
-            continue;
-        }
+        uint64_t addr = d.addr;
+        uint32_t len = d.len;
+        uint16_t flags = d.flags;
         if (len == 0)
             return 0;
         uint8_t *h = host_of(dp, addr, len);
@@ -124,7 +111,6 @@ static int parse(const struct blk_dp *dp, uint16_t head, struct req *r,
             r->niov++;
             r->nbytes += len;
         }
-        idx = next;
     }
     if (r->nbytes % SECTOR || r->nbytes > dp->capacity - r->offset)
         return 0;

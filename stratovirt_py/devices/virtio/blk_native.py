@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 
+from .native_rings import bind_rings, ring_key
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
-    from typing import Any, Optional
+    from typing import Optional
     from .blk import Blk
     from .queue import Queue
-
-MAX_REGIONS = 2
 
 # The compiled module, loaded on the first kick (after the guest runs), not when a
 # device is made: a restore does not wait for it.
@@ -54,26 +54,11 @@ class NativeRing:
         self._key: Optional[tuple] = None
 
     def _bind(self, q: Queue) -> bool:
-        """Point the C side at guest RAM and the rings, by address: no buffer is
-        exported, so closing guest memory never finds it pinned."""
-        mem = q.mem
-        key = (id(mem), q.desc_table, q.avail_ring, q.used_ring, q.size)
+        key = ring_key(q)
         if key == self._key:
             return True
-        if len(mem.regions) > MAX_REGIONS:
+        if not bind_rings(self.dp, ffi, q):
             return False
-        dp = self.dp
-        for i, region in enumerate(mem.regions):
-            dp.gpa[i], dp.size[i] = region.gpa, region.size
-            dp.host[i] = ffi.cast("uint8_t *", region.host_addr)
-        dp.nregions = len(mem.regions)
-
-        def host(gpa: int, length: int) -> Any:   # validate() checked the rings are in RAM
-            return ffi.cast("uint8_t *", mem.host_address(gpa, length))
-        dp.desc = host(q.desc_table, 16 * q.size)
-        dp.avail = host(q.avail_ring, 6 + 2 * q.size)
-        dp.used = host(q.used_ring, 6 + 8 * q.size)
-        dp.qsize = q.size
         self._key = key
         return True
 

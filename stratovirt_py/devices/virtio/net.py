@@ -13,7 +13,8 @@ Features: MAC, STATUS (link always up), MRG_RXBUF, and with a vnet-header tap th
 ``TUNSETOFFLOAD``: CSUM, GUEST_CSUM, HOST_TSO4/6, GUEST_TSO4/6.  No control queue, no
 multiqueue (a multi-queue tap is used through one queue).
 
-Threads: everything runs on the I/O thread.  TX runs on a kick: each chain is written
+Threads: everything runs on the I/O thread.  The data path lives in ``net_rx.py`` and
+``net_tx.py``, loaded at first use.  TX runs on a kick: each chain is written
 to the tap with one ``writev`` straight from guest memory.  RX runs when the tap is
 readable *and* the guest has receive buffers: one ``readv`` scatters the frame into the
 guest's chain (a bounce buffer catches what does not fit; with MRG_RXBUF the rest spreads
@@ -42,13 +43,13 @@ from ...record import record
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
-    from typing import ClassVar, List, Optional, Tuple
+    from typing import ClassVar, List, Optional
 
 from ...errors import U32, ConfigError, DeviceError, SnapshotError
 from ..tap import (TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO, VNET_HDR_LEN,
                    Tap)
 from .device import COMMON_FEATURES, VIRTIO_ID_NET, VirtioDevice, bit
-from .queue import DescriptorChain, Queue, QueueError
+from .queue import Queue, QueueError
 
 log = get_logger(__name__)
 
@@ -56,10 +57,8 @@ QUEUE_SIZE = 256
 RX_QUEUE = 0
 TX_QUEUE = 1
 HDR_LEN = VNET_HDR_LEN          # virtio_net_hdr_v1
-IOV_MAX = 1024
 MAX_FRAME = 65536 + 64          # a GSO frame from the tap, with its Ethernet header
-RX_BATCH = 64                   # frames per wake-up, so TX and other devices get a turn
-TX_BATCH = 256
+TX_BATCH = 256                  # frames per turn on the I/O thread
 
 # Feature bits (virtio 1.x, "Feature bits" of the network device).
 VIRTIO_NET_F_CSUM = 0
@@ -81,9 +80,6 @@ OFFLOAD_FEATURES = (bit(VIRTIO_NET_F_CSUM) | bit(VIRTIO_NET_F_GUEST_CSUM) |
                     bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6) |
                     bit(VIRTIO_NET_F_HOST_TSO4) | bit(VIRTIO_NET_F_HOST_TSO6))
 
-_U16 = struct.Struct("<H")
-_USED_ELEM = struct.Struct("<II")
-_ZERO_HDR = bytes(HDR_LEN - 2)
 
 
 # -- MAC addresses ---------------------------------------------------------------------------
@@ -169,6 +165,7 @@ class Net(VirtioDevice):
         self._pending: Optional[bytes] = None          # held frame (MRG_RXBUF), with header
         self._restored_pending: Optional[bytes] = None
         self._bounce = bytearray(MAX_FRAME)
+        self._native = False    # the C fast path (net_native): made at the first frame
         self._bounce_view = memoryview(self._bounce)
         self.rx_frames = self.tx_frames = 0
         self.rx_dropped = self.tx_dropped = 0
@@ -320,222 +317,12 @@ class Net(VirtioDevice):
             self._tap_dead = True
             self._update_watch()
 
-    # -- receive (tap -> guest) ------------------------------------------------------------------
+    # -- the data path (net_rx.py, net_tx.py: loaded at first use, after the guest runs) ------
     def _process_rx(self) -> None:
-        if not self.queues:
-            self._want_rx = False
-            self._update_watch()
-            return
-        q = self.queues[RX_QUEUE]
-        used = 0
-        try:
-            if not q.ready or self._tap_dead or self.tap is None:
-                self._want_rx = False
-                return
-            frames = 0
-            while True:
-                if frames >= RX_BATCH:
-                    self._want_rx = True      # level-triggered: the loop comes back
-                    return
-                if self._pending is not None:
-                    n = self._deliver_pending(q)
-                    if n:
-                        used += n
-                        frames += 1
-                        continue
-                    if self._pending is not None:
-                        # The ring holds too little for the held frame: wait for more.
-                        if _ask_for_more_buffers(q):
-                            continue
-                        self._want_rx = False
-                        return
-                elif q.pending():
-                    n = self._receive_one(q)
-                    if n < 0:                 # nothing to read
-                        self._want_rx = True
-                        return
-                    used += n
-                    frames += 1
-                    continue
-                # Out of receive buffers: ask for a kick and stop reading the tap.
-                if q.enable_notification():
-                    continue
-                self._want_rx = False
-                return
-        finally:
-            self._update_watch()
-            if used:
-                self.signal_used(RX_QUEUE)
+        _path.process_rx(self)
 
-    def _receive_one(self, q: Queue) -> int:
-        """Read one frame into the next chain(s); chains used, 0 if dropped, -1 if none waits."""
-        chain = q.pop()
-        cap = chain.writable_len
-        if cap < HDR_LEN:
-            raise QueueError(f"virtio-net receive buffer of {cap} bytes is smaller than the "
-                             f"{HDR_LEN}-byte header")
-        skip = 0 if self._vnet_hdr else HDR_LEN
-        segs = chain.writable
-        if len(segs) >= IOV_MAX:
-            views = []
-        elif skip:
-            views = chain.writable_views(skip)
-        else:
-            view = chain.mem.view
-            views = [view(a, n) for a, n in segs]
-        in_chain = (cap - skip) if views else 0
-        try:
-            n = self.tap.readv(views + [self._bounce_view])
-        except OSError as e:
-            q.undo_pop()
-            self.rx_dropped += 1
-            self._tap_failed("read", e)
-            if self._tap_dead:
-                return -1
-            log.debug("%s: tap read failed: %s", self.id, e.strerror)
-            return 0
-        if n is None:
-            q.undo_pop()
-            return -1
-        if n == 0:                    # end of file: a tap never reads empty
-            q.undo_pop()
-            self._tap_failed("read", OSError(errno.ENODEV, "end of file"))
-            return -1
-        total = n + skip
-        if total <= cap:
-            if not views:
-                chain.write(skip, self._bounce_view[:n])
-            self._finish_header(chain, 1)
-            q.add_used(chain.head, total)
-            self.rx_frames += 1
-            return 1
-        # The frame does not fit in this chain.
-        q.undo_pop()
-        if not self._mrg:
-            self._drop_rx(total, cap)
-            return 0
-        head = bytes(HDR_LEN) if skip else b""
-        self._pending = head + b"".join(views) + bytes(self._bounce_view[:n - in_chain])
-        return self._deliver_pending(q)
-
-    def _deliver_pending(self, q: Queue) -> int:
-        """Spread the held frame over as many chains as it needs; 0 if the ring has too few."""
-        frame = self._pending
-        assert frame is not None
-        need = len(frame)
-        chains: List[DescriptorChain] = []
-        room = 0
-        limit = q.size if self._mrg else 1
-        while room < need:
-            if len(chains) >= limit:
-                for _ in chains:
-                    q.undo_pop()
-                self._pending = None
-                self._drop_rx(need, room)
-                return 0
-            if not q.pending():
-                for _ in chains:
-                    q.undo_pop()
-                return 0
-            c = q.pop()
-            cap = c.writable_len
-            if cap < (HDR_LEN if not chains else 1):
-                raise QueueError(f"virtio-net receive buffer of {cap} bytes is too small")
-            chains.append(c)
-            room += cap
-        buf = bytearray(frame)
-        if not self._guest_csum:
-            buf[:HDR_LEN - 2] = _ZERO_HDR
-        _U16.pack_into(buf, HDR_LEN - 2, len(chains))
-        entries: List[Tuple[int, int]] = []
-        off = 0
-        for c in chains:
-            piece = min(c.writable_len, need - off)
-            c.write(0, memoryview(buf)[off:off + piece])
-            entries.append((c.head, piece))
-            off += piece
-        _add_used_batch(q, entries)
-        self._pending = None
-        self.rx_frames += 1
-        return len(chains)
-
-    def _finish_header(self, chain: DescriptorChain, num_buffers: int) -> None:
-        addr, n = chain.writable[0]
-        if n >= HDR_LEN:          # the usual case: the header is in the first buffer
-            if self._guest_csum:
-                chain.mem.write(addr + HDR_LEN - 2, _U16.pack(num_buffers))
-            else:
-                chain.mem.write(addr, _ZERO_HDR + _U16.pack(num_buffers))
-            return
-        if self._guest_csum:
-            chain.write(HDR_LEN - 2, _U16.pack(num_buffers))
-        else:
-            chain.write(0, _ZERO_HDR + _U16.pack(num_buffers))
-
-    def _drop_rx(self, size: int, room: int) -> None:
-        self.rx_dropped += 1
-        (log.warning if self.rx_dropped == 1 else log.debug)(
-            "%s: dropped a received frame of %d bytes: the guest's receive buffers hold %d "
-            "(%d dropped so far)", self.id, size, room, self.rx_dropped)
-
-    # -- transmit (guest -> tap) -------------------------------------------------------------------
     def _process_tx(self, batch: Optional[int] = None) -> None:
-        batch = batch or TX_BATCH
-        if not self.queues:
-            return
-        q = self.queues[TX_QUEUE]
-        if not q.ready:
-            return
-        skip = 0 if self._vnet_hdr else HDR_LEN
-        sent = 0
-        try:
-            while True:
-                while q.pending():
-                    if sent >= batch:
-                        self.call_later(0, self._process_tx)
-                        return
-                    chain = q.pop()
-                    if not self._send(chain, skip):
-                        q.undo_pop()
-                        self._tx_blocked = True
-                        self._update_watch()
-                        return
-                    q.add_used(chain.head, 0)
-                    sent += 1
-                if not q.enable_notification():
-                    break
-        finally:
-            if sent:
-                self.signal_used(TX_QUEUE)
-
-    def _send(self, chain: DescriptorChain, skip: int) -> bool:
-        """Write one frame to the tap; False if the tap cannot take it now."""
-        length = chain.readable_len
-        if self.tap is None:
-            self.tx_dropped += 1          # no backend: the link is down
-            return True
-        if length <= HDR_LEN or self._tap_dead:
-            self._drop_tx(f"a transmit buffer of {length} bytes has no frame after the header"
-                          if not self._tap_dead else "the tap is gone")
-            return True
-        views = chain.readable_views(skip)
-        if len(views) > IOV_MAX:
-            views = [b"".join(views)]
-        try:
-            n = self.tap.writev(views)
-        except OSError as e:
-            self._tap_failed("write", e)
-            self._drop_tx(f"the tap refused a frame of {length - HDR_LEN} bytes: {e.strerror}")
-            return True
-        if n is None:
-            return False
-        self.tx_frames += 1
-        return True
-
-    def _drop_tx(self, why: str) -> None:
-        self.tx_dropped += 1
-        (log.warning if self.tx_dropped == 1 else log.debug)(
-            "%s: transmit dropped: %s (%d dropped so far)", self.id, why, self.tx_dropped)
+        _path.process_tx(self, batch or TX_BATCH)
 
     # -- snapshot ---------------------------------------------------------------------------------
     def drain(self) -> None:
@@ -593,35 +380,18 @@ class Net(VirtioDevice):
             self.tap.close()
 
 
-_fence_lock = threading.Lock()
+class _DataPath:
+    """net_rx and net_tx, imported at the first frame: an import statement per kick costs
+    more than the attribute lookup that replaces it once they are loaded."""
+
+    def __getattr__(self, name: str):
+        from . import net_rx, net_tx
+        self.process_rx = net_rx.process_rx
+        self.process_tx = net_tx.process_tx
+        return self.__dict__[name]
 
 
-def _ask_for_more_buffers(q: Queue) -> bool:
-    """Ask for a kick when the driver adds any buffer from now on; True if some came already.
-
-    ``Queue.enable_notification`` asks for a kick past the device's position, which the
-    driver has already passed when the buffers it posted are too few for a held frame.
-    """
-    seen = q.avail_idx()
-    if q.event_idx:
-        q.mem.write_u16(q.used_ring + 4 + 8 * q.size, seen)
-    with _fence_lock:     # a locked instruction: a full barrier on x86
-        pass
-    return q.avail_idx() != seen
-
-
-def _add_used_batch(q: Queue, entries: List[Tuple[int, int]]) -> None:
-    """Put several used elements in the ring and publish them with one index update.
-
-    A merged receive frame must become visible at once: a driver that sees its first
-    buffer (num_buffers = n) before the others would count the rest as missing.
-    """
-    mem = q.mem
-    for head, length in entries:
-        slot = q.next_used % q.size
-        _USED_ELEM.pack_into(mem.view(q.used_ring + 4 + 8 * slot, 8), 0, head, length)
-        q.next_used = (q.next_used + 1) & 0xFFFF
-    mem.write_u16(q.used_ring + 2, q.next_used)
+_path = _DataPath()
 
 
 # -- from the command line -----------------------------------------------------------------------
