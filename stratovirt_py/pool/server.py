@@ -34,8 +34,9 @@ from . import identity
 from .request import Request, RequestError, receive, reply_exit, reply_pid
 
 
-# Not part of a VM's start: build scripts, entry points, the demo and its guest builder.
-_NOT_WARMED = ("._build", "._blk_build", ".__main__", "._start", ".demo", ".guest")
+# Not part of a VM's start: entry points, the demo and its guest builder (and the cffi
+# build scripts, any module named *_build).
+_NOT_WARMED = (".__main__", "._start", ".demo", ".guest")
 
 
 def _warm_up() -> None:
@@ -47,14 +48,15 @@ def _warm_up() -> None:
 
     import stratovirt_py
     for mod in pkgutil.walk_packages(stratovirt_py.__path__, "stratovirt_py."):
-        if not any(part in mod.name for part in _NOT_WARMED):
+        if not mod.name.endswith("_build") and not any(p in mod.name for p in _NOT_WARMED):
             importlib.import_module(mod.name)
     import json, logging, selectors, signal, socket  # noqa: F401,E401 - lazy after a direct start
-    from ..devices.virtio import blk_native
+    from ..devices.virtio import blk_native, net_native
     from ..kvm import system
     from ..migration import memfile
     from .. import seccomp
     blk_native.built()
+    net_native.built()
     seccomp._libseccomp()
     memfile._ctypes()
     system.warm_host_facts()
