@@ -158,7 +158,8 @@ class Tap:
         if e.errno == errno.EPERM:
             if not exists:
                 return (f"{what}: tap device {ifname} does not exist, and creating it needs "
-                        f"CAP_NET_ADMIN (create it first: ip tuntap add {ifname} mode tap)")
+                        f"CAP_NET_ADMIN, which the VMM gives up once the VM runs (create it "
+                        f"first: ip tuntap add {ifname} mode tap [user U], or pass its fd)")
             return (f"{what}: permission denied attaching to tap {ifname} (it belongs to another "
                     f"user or group; see ip tuntap add ... user/group)")
         if e.errno == errno.EBUSY:
