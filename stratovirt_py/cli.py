@@ -145,6 +145,9 @@ def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None)
     # after: a warm start does not wait for the management plane.
     vmm.start(paused=cfg.start_paused)
     logs.start()
+    # Before QMP serves (a command must never run with capabilities; its thread then
+    # starts without them) and before the filter, which allows neither capset nor prctl.
+    _drop_privileges(vmm)
     from .qmp.server import QmpServer
     server = QmpServer(vmm, events, cfg.qmp, listeners)
     try:
@@ -153,8 +156,6 @@ def _run_vm(cfg, ready_fd: Optional[int], on_started: Optional[Callable] = None)
         vmm.shutdown()
         raise
     vmm.cleanups.append(server.close)
-    # Before the filter, which allows neither capset nor prctl.
-    _drop_privileges(vmm)
     _install_seccomp(cfg, vmm)
     stamp = getattr(vmm.restored_from, "pending_stamp", None)
     if stamp is not None:       # verification bookkeeping, once the guest and QMP run
