@@ -54,7 +54,7 @@ def _warm_up() -> None:
     from ..devices.virtio import blk_native, net_native
     from ..kvm import system
     from ..migration import memfile
-    from .. import seccomp
+    from .. import _privs_cffi, seccomp  # noqa: F401 - privs loads it at the drop
     blk_native.built()
     net_native.built()
     seccomp._libseccomp()
