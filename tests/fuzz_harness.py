@@ -14,6 +14,7 @@ Environment (see tools/fuzz):
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import struct
@@ -74,13 +75,25 @@ def one_line(err: BaseException) -> None:
     assert msg and msg.isprintable() and "internal error" not in msg, repr(msg)
 
 
+_failed: "dict[str, bytes]" = {}
+
+
 def run(parser: str, data: bytes) -> object:
     try:
         return PARSERS[parser](data)
-    except BaseException:
+    except Exception:
         if os.environ.get("STRATOVIRT_FUZZ_SAVE"):
-            keep(parser, data)
+            if not _failed:
+                atexit.register(_keep_failed)
+            # hypothesis shrinks a failure and replays the smallest case last: only
+            # that one is kept, not every step of the shrinking
+            _failed[parser] = data
         raise
+
+
+def _keep_failed() -> None:
+    for parser, data in _failed.items():
+        keep(parser, data)
 
 
 def keep(parser: str, data: bytes) -> Path:
