@@ -172,7 +172,7 @@ def _template_state(data: bytes):
     try:    # the memory file a restore would map: as big as the state says, if it can say
         hlen = fmt.PREAMBLE.unpack_from(data)[2]
         mem = fmt.jsonread.loads(data[fmt.PREAMBLE.size:fmt.PREAMBLE.size + hlen])["memory"]
-        if 0 < mem["size"] <= MAX_MEMFILE:
+        if type(mem["size"]) is int and 0 < mem["size"] <= MAX_MEMFILE:
             size = mem["size"]
     except Exception:  # noqa: BLE001 - a broken header: the parser below says why
         pass
