@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # typing costs an import at run time
 
 from ..errors import VmmError
 from . import schema
-from .protocol import CommandNotFound, QmpInputError, Request, error_reply, version_info
+from .protocol import CommandNotFound, QmpInputError, Request, error_reply, shown, version_info
 
 log = get_logger(__name__)
 
@@ -52,7 +52,7 @@ class Dispatcher:
         entry = COMMANDS.get(request.command)
         try:
             if entry is None:
-                raise CommandNotFound(f"The command {request.command} has not been found")
+                raise CommandNotFound(f"The command {shown(request.command)} has not been found")
             handler, arg_schema = entry
             args = schema.validate(request.arguments, arg_schema)
             if request.command == "quit":
@@ -61,7 +61,7 @@ class Dispatcher:
             value = handler(self, args, take_fd)
             return Outcome(request.reply({} if value is None else value))
         except VmmError as err:
-            log.info("QMP command %s failed: %s", request.command, err)
+            log.info("QMP command %s failed: %s", shown(request.command), err)
             return Outcome(error_reply(err, err.qmp_class, request.msg_id, request.has_id))
         except Exception as err:  # noqa: BLE001 - a bug must not kill the server
             log.exception("QMP command %s raised an unexpected error", request.command)

@@ -227,6 +227,12 @@ class RequestError(QmpInputError):
         self.has_id = has_id
 
 
+def shown(name: str) -> str:
+    """A client-chosen name as error messages and logs echo it: a JSON escape can put a
+    newline or a terminal escape in a name, which would forge log lines."""
+    return name if name.isprintable() else ascii(name)[1:-1]
+
+
 def _reject_constant(name: str) -> Any:
     # NaN/Infinity are not JSON; Python's parser would accept them by default.
     raise ValueError(f"invalid JSON value {name}")
@@ -250,7 +256,7 @@ def parse_request(raw: bytes) -> Request:
     msg_id = obj.get("id")
     for key in obj:
         if key not in ("execute", "arguments", "id"):
-            raise RequestError(f"QMP input member '{key}' is unexpected", msg_id, has_id)
+            raise RequestError(f"QMP input member '{shown(key)}' is unexpected", msg_id, has_id)
     if "execute" not in obj:
         raise RequestError("QMP input lacks member 'execute'", msg_id, has_id)
     command = obj["execute"]

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # typing costs an import at run time
     from typing import Any, Dict, Mapping, Union
     Schema = Mapping[str, "Arg"]
 
-from .protocol import QmpInputError
+from .protocol import QmpInputError, shown
 
 
 @record(frozen=True)
@@ -146,7 +146,7 @@ def validate(arguments: Mapping[str, Any], schema: Schema, prefix: str = "") -> 
     """
     for name in arguments:
         if name not in schema:
-            raise QmpInputError(f"Parameter '{prefix}{name}' is unexpected")
+            raise QmpInputError(f"Parameter '{prefix}{shown(name)}' is unexpected")
     checked: Dict[str, Any] = {}
     for name, arg in schema.items():
         path = prefix + name

@@ -9,9 +9,10 @@ import copy
 import os
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
+from fuzz_harness import fuzz_settings
 from stratovirt_py.devices.serial import SerialState
 from stratovirt_py.devices.virtio.blk import BlkState
 from stratovirt_py.devices.virtio.mmio import MmioTransportState
@@ -85,8 +86,7 @@ def test_the_base_sections_pass():
     _build(SECTIONS)
 
 
-@settings(max_examples=400, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@fuzz_settings(400)
 @given(path=st.sampled_from(PATHS), value=VALUES, drop=st.booleans())
 def test_one_crafted_field_is_refused_or_harmless(path, value, drop):
     sections = copy.deepcopy(SECTIONS)
@@ -134,8 +134,7 @@ def small_template(tmp_path_factory):
     return d
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@fuzz_settings(300)
 @given(data=st.data(), value=HEADER_VALUES, drop=st.booleans())
 def test_a_crafted_header_field_is_read_or_refused(small_template, tmp_path_factory, data, value,
                                                    drop):

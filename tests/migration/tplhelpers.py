@@ -28,18 +28,21 @@ def memory_bytes(mem: GuestMemory) -> bytes:
     return b"".join(bytes(r.mm) for r in mem.regions)
 
 
-def rewrite_state(d, mutate_header=None, version=None):
-    """Rewrite the state like a (newer) writer would: new fields, valid checksum."""
+def rewrite_state(d, mutate_header=None, version=None, mutate=None):
+    """Rewrite the state like a (newer) writer would: new fields, valid checksum.
+    ``mutate(header, data)`` may also change the data area (a bytearray)."""
     path = os.path.realpath(d / "state")
     blob = open(path, "rb").read()
     magic, ver, hlen, total, res = fmt.PREAMBLE.unpack_from(blob)
     header = json.loads(blob[fmt.PREAMBLE.size:fmt.PREAMBLE.size + hlen])
-    data = blob[fmt.PREAMBLE.size + hlen:total - 32]
+    data = bytearray(blob[fmt.PREAMBLE.size + hlen:total - 32])
     if mutate_header:
         mutate_header(header)
+    if mutate:
+        mutate(header, data)
     hj = json.dumps(header).encode()
     new_total = fmt.PREAMBLE.size + len(hj) + len(data) + 32
-    out = fmt.PREAMBLE.pack(magic, version or ver, len(hj), new_total, res) + hj + data
+    out = fmt.PREAMBLE.pack(magic, version or ver, len(hj), new_total, res) + hj + bytes(data)
     out += hashlib.sha256(out).digest()
     with open(path, "wb") as f:
         f.write(out)

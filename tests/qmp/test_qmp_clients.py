@@ -17,6 +17,7 @@ from stratovirt_py.qmp import COMMANDS
 try:
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
+    from fuzz_harness import examples
 except ImportError:  # pragma: no cover - hypothesis is a test dependency
     given = None
 
@@ -144,7 +145,7 @@ if given is not None:
                              "addr", "drive", "read-only"]), json_values, max_size=4),
             "id": json_values})
 
-    FUZZ = settings(max_examples=100, deadline=None,
+    FUZZ = settings(max_examples=examples(100), deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
     @FUZZ

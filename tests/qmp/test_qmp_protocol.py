@@ -225,3 +225,16 @@ def test_parse_qmp_address_forms():
 def test_parse_qmp_address_errors(spec, words):
     with pytest.raises(ConfigError, match=words.replace("[", r"\[")):
         parse_qmp_address(spec)
+
+
+@pytest.mark.parametrize("raw", [b'{"\\nexecute":"cont"}', b'{"execute":"x\\u001b[31m\\r\\nforged"}',
+                                 b'{"execute":"device_add","arguments":{"\\n":1}}'])
+def test_names_with_control_characters_are_echoed_escaped(raw):
+    """Found by fuzzing: a name with a JSON-escaped newline came back (and into the log)
+    as a second line, so a client could forge log lines."""
+    from stratovirt_py.qmp.commands import Dispatcher
+    try:
+        desc = Dispatcher(None).dispatch(parse_request(raw)).reply["error"]["desc"]
+    except QmpInputError as err:
+        desc = str(err)
+    assert desc.isprintable() and ("\\n" in desc or "\\x1b" in desc), desc

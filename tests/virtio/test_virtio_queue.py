@@ -3,7 +3,7 @@
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from stratovirt_py.errors import SnapshotError
@@ -12,6 +12,7 @@ from stratovirt_py.devices.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DES
                                                 VIRTQ_DESC_F_WRITE, VRING_AVAIL_F_NO_INTERRUPT,
                                                 Queue, QueueError, QueueState)
 
+from fuzz_harness import fuzz_settings
 from virtio_driver import Allocator, MockDriverQueue, roundtrip
 
 MEM_SIZE = 4 << 20
@@ -237,7 +238,7 @@ def test_undo_pop(mem):
     assert q.pop().head == head
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@fuzz_settings(300)
 @given(descs=st.lists(st.tuples(st.sampled_from([0, 0x200000, 0x3FFFF0, MEM_SIZE, 1 << 63,
                                                   0x200008]),
                                 st.sampled_from([0, 1, 16, 0x1000, 0x20, 0xFFFF_FFFF, 48]),
