@@ -116,8 +116,10 @@ def test_restore_unmapped(kvm, template, guest_elf, tmp_path):
 def test_five_concurrent_clones_and_template_unchanged(kvm, template, guest_elf, tmp_path):
     tpl, at = template
     before = tree_hash(tpl)
-    vms = [VmProcess(hb_args(guest_elf) + ["-incoming", f"file:{tpl}"], tmp_path) for _ in range(5)]
+    vms = []
     try:
+        for _ in range(5):
+            vms.append(VmProcess(hb_args(guest_elf) + ["-incoming", f"file:{tpl}"], tmp_path))
         for vm in vms:
             vm.wait_for(rf"^heartbeat {at + 3}$", timeout=60)
         # Each clone runs on its own: pausing one leaves the others going.
