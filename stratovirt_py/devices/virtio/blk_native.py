@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from .native_rings import bind_rings, ring_key
+from .native_rings import bind_rings, load_compiled, ring_key
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
@@ -34,10 +34,7 @@ def built() -> bool:
     """Whether the C fast path was built (and is now loaded)."""
     global ffi, lib, _loaded
     if not _loaded:
-        try:
-            from ._blk_dataplane import ffi, lib
-        except ImportError:      # no compiler at install time: Python does it all
-            ffi = lib = None
+        ffi, lib = load_compiled("_blk_dataplane")
         _loaded = True
     return lib is not None
 

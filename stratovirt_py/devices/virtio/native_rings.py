@@ -14,6 +14,16 @@ if TYPE_CHECKING:  # typing costs an import at run time
 MAX_REGIONS = 2
 
 
+def load_compiled(name: str) -> "tuple":
+    """(ffi, lib) of a fast path built at install time, or (None, None) without a compiler."""
+    import importlib
+    try:
+        mod = importlib.import_module(f".{name}", __package__)
+    except ImportError:
+        return None, None
+    return mod.ffi, mod.lib
+
+
 def ring_key(q: "Queue") -> tuple:
     """What a bound view depends on: rebind when it changes (reset, new rings, new RAM)."""
     return (id(q.mem), q.desc_table, q.avail_ring, q.used_ring, q.size)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 
 from ..tap import VNET_HDR_LEN
-from .native_rings import bind_rings, ring_key
+from .native_rings import bind_rings, load_compiled, ring_key
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs an import at run time
@@ -41,10 +41,7 @@ def built() -> bool:
     """Whether the C fast path was built (and is now loaded)."""
     global ffi, lib, _loaded
     if not _loaded:
-        try:
-            from ._net_dataplane import ffi, lib
-        except ImportError:      # no compiler at install time: Python does it all
-            ffi = lib = None
+        ffi, lib = load_compiled("_net_dataplane")
         _loaded = True
     return lib is not None
 
