@@ -38,8 +38,8 @@ class BuildScripts(build_scripts):
 
 
 setup(cffi_modules=["stratovirt_py/kvm/_build.py:ffibuilder",
-                     "stratovirt_py/devices/virtio/_blk_build.py:ffibuilder",
-                     "stratovirt_py/devices/virtio/_net_build.py:ffibuilder",
+                     "stratovirt_py/devices/virtio/_fastpath_build.py:blk",
+                     "stratovirt_py/devices/virtio/_fastpath_build.py:net",
                      "stratovirt_py/_privs_build.py:ffibuilder"],
       scripts=[build_frontend()],
       cmdclass={"build_scripts": BuildScripts})
