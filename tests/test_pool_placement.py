@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_net import GUEST_MAC, Wire, expect_ping, netns, ping_pong, quit_vm, vm_args  # noqa: F401
+from test_net import Wire, frames_both_ways_then_quit, netns, quit_vm, vm_args  # noqa: F401
 from vmtools import PoolProcess, VmProcess, stratovirt_cmd
 
 pytestmark = pytest.mark.kvm
@@ -68,10 +68,7 @@ def test_tap_by_name_inside_the_launchers_netns(kvm, netns, guest_elf, tmp_path,
             assert pid != vm.proc.pid, "the VM should run in a pool process"
             assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink(f"/proc/{vm.proc.pid}/ns/net")
             assert os.readlink(f"/proc/{pid}/ns/mnt") == os.readlink(f"/proc/{vm.proc.pid}/ns/mnt")
-            expect_ping(vm, wire, GUEST_MAC)
-            ping_pong(vm, wire, GUEST_MAC)
-            quit_vm(vm)
-            assert vm.stderr == "", vm.stderr
+            frames_both_ways_then_quit(vm, wire)
     finally:
         wire.close()
 
